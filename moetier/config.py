@@ -1,0 +1,85 @@
+"""EngineConfig (what the user asked for) and its resolution (every "auto" decided here, logged once)."""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moetier.errors import MoetierError
+from moetier.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+_AUTO_MAX_MODEL_LEN = 4096
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # checkpoint dir or Hub id in the local cache; None: the embedded default
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    load_format: str = "auto"  # auto | safetensors | dummy
+    max_model_len: int | None = None  # None: min(model's max positions, 4096)
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise MoetierError(f"{name} must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise MoetierError("max_model_len must be at least 2")
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    model_dir: Path
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    num_kv_blocks: int
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise MoetierError(f"unknown device {requested!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MoetierError("device cuda requested but no CUDA GPU is available")
+    return device
+
+
+def resolve_dtype(requested: str, spec: ModelSpec, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        name = spec.checkpoint_dtype if spec.checkpoint_dtype in _DTYPES else "bfloat16"
+        # CPUs have no fast fp16 matmul; bf16 and fp32 are fine there.
+        if device.type == "cpu" and name == "float16":
+            name = "float32"
+        return _DTYPES[name]
+    name = _DTYPE_ALIASES.get(requested, requested)
+    if name not in _DTYPES:
+        raise MoetierError(f"unknown dtype {requested!r} (use auto, float32, bfloat16 or float16)")
+    return _DTYPES[name]
+
+
+def resolve(config: EngineConfig, model_dir: Path, spec: ModelSpec) -> ResolvedConfig:
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, spec, device)
+    max_model_len = config.max_model_len or min(spec.max_position, _AUTO_MAX_MODEL_LEN)
+    if max_model_len > spec.max_position:
+        raise MoetierError(f"max_model_len {max_model_len} exceeds the model's {spec.max_position} positions")
+    blocks_per_seq = -(-max_model_len // config.block_size)
+    resolved = ResolvedConfig(model_dir, dtype, device, max_model_len, blocks_per_seq * config.max_num_seqs)
+    log.info(
+        "resolved: model=%s dtype=%s device=%s max_model_len=%d kv_blocks=%d x %d tokens",
+        model_dir, str(dtype).removeprefix("torch."), device, max_model_len, resolved.num_kv_blocks, config.block_size,
+    )
+    return resolved

@@ -1,0 +1,182 @@
+"""Engine: requests in, tokens out. One step = schedule -> run the model -> sample -> bookkeeping."""
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from moetier.config import EngineConfig, resolve
+from moetier.engine.block_manager import BlockManager
+from moetier.engine.kv_cache import KVCache
+from moetier.engine.runner import Runner
+from moetier.engine.sampler import Sampler
+from moetier.engine.scheduler import ScheduledSeq, Scheduler
+from moetier.engine.sequence import Sequence
+from moetier.errors import MoetierError
+from moetier.loader.load import load_model, read_source
+from moetier.loader.resolve import resolve_model_dir
+from moetier.sampling_params import SamplingParams
+from moetier.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort"
+    new_token_ids: list[int] = field(default_factory=list)
+    new_text: str = ""
+    logprobs: list[dict] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.source = read_source(resolve_model_dir(config.model))
+        self.resolved = resolve(config, self.source.model_dir, self.source.spec)
+        r = self.resolved
+        self.model, self.executor = load_model(self.source, r.dtype, r.device, config.load_format, config.seed)
+        self.tokenizer = Tokenizer(self.source.model_dir, self.source.config)
+        kv_cache = KVCache(self.model.kv_cache_token_shapes(), r.num_kv_blocks, config.block_size, r.dtype, r.device)
+        self.runner = Runner(self.model, kv_cache, r.device)
+        self.blocks = BlockManager(r.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler(self.tokenizer.stop_token_ids)
+        self._request_ids = itertools.count()
+        self._sequences: dict[str, Sequence] = {}
+
+    # --- requests -------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise MoetierError("the prompt is empty")
+        vocab = self.source.spec.vocab_size
+        if not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+            raise MoetierError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.resolved.max_model_len:
+            raise MoetierError(
+                f"the prompt has {len(ids)} tokens but max_model_len is {self.resolved.max_model_len} "
+                "(prompt plus at least one new token must fit)"
+            )
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        request_id = request_id or f"req-{next(self._request_ids)}"
+        if request_id in self._sequences:
+            raise MoetierError(f"request id {request_id} is already in use")
+        seq = Sequence(request_id, self.encode_prompt(prompt), params)
+        self._sequences[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        seq = self._sequences.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+            self.sampler.release(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        logits_BV = self.runner.run(scheduled)
+        sampling = [item.seq for item in scheduled if item.samples]
+        for item in scheduled:
+            item.seq.num_computed += item.num_new_tokens
+        tokens = self.sampler.sample(logits_BV, sampling)
+        return [self._append(seq, token, logits_V) for seq, token, logits_V in zip(sampling, tokens, logits_BV)]
+
+    def _append(self, seq: Sequence, token: int, logits_V: torch.Tensor) -> RequestOutput:
+        seq.output_ids.append(token)
+        new_logprobs = self._logprobs(seq, token, logits_V)
+        reason = self._update_text_and_finish(seq, token)
+        if reason:
+            self.scheduler.finish(seq, reason)
+            self.sampler.release(seq.request_id)
+            self._sequences.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_ids,
+            token_ids=list(seq.output_ids),
+            text=seq.text,
+            finish_reason=seq.finish_reason,
+            new_token_ids=[token],
+            new_text=self._emit(seq),
+            logprobs=new_logprobs,
+        )
+
+    def _logprobs(self, seq: Sequence, token: int, logits_V: torch.Tensor) -> list[dict] | None:
+        if seq.params.logprobs is None:
+            return None
+        logprobs_V = torch.log_softmax(logits_V, dim=-1)
+        top = torch.topk(logprobs_V, seq.params.logprobs) if seq.params.logprobs else None
+        entry = {
+            "token_id": token,
+            "logprob": float(logprobs_V[token]),
+            "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())),
+        }
+        seq.logprobs.append(entry)
+        return [entry]
+
+    def _update_text_and_finish(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        can_stop = len(seq.output_ids) >= params.min_tokens
+        text = self.tokenizer.decode(seq.output_ids)
+        if can_stop:
+            hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
+            if hits:
+                seq.text = text[: min(hits)]
+                return "stop"
+        seq.text = text
+        eos = not params.ignore_eos and token in self.tokenizer.stop_token_ids
+        if can_stop and (eos or token in params.stop_token_ids):
+            return "stop"
+        if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.resolved.max_model_len:
+            return "length"
+        return None
+
+    def _emit(self, seq: Sequence) -> str:
+        """New text safe to stream: holds back a possible stop-string prefix and partial UTF-8."""
+        end = len(seq.text)
+        if not seq.is_finished:
+            end -= max((len(s) for s in seq.params.stop), default=1) - 1
+            while end > seq.emitted_chars and seq.text[end - 1] == "\ufffd":
+                end -= 1
+        if end <= seq.emitted_chars:
+            return ""
+        new_text = seq.text[seq.emitted_chars : end]
+        seq.emitted_chars = end
+        return new_text
+
+    # --- scoring ------------------------------------------------------------------------
+
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced logits [len(token_ids), vocab] (fp32), computed in prefill chunks."""
+        if self.scheduler.has_unfinished():
+            raise MoetierError("score() needs an idle engine")
+        seq = Sequence("score", self.encode_prompt(token_ids), SamplingParams())
+        chunks = []
+        try:
+            while seq.num_computed < seq.num_tokens:
+                n = min(self.config.max_num_batched_tokens, seq.num_tokens - seq.num_computed)
+                self.blocks.allocate(seq, n)
+                chunks.append(self.runner.run([ScheduledSeq(seq, n)], all_logits=True))
+                seq.num_computed += n
+        finally:
+            self.blocks.free(seq)
+        return torch.cat(chunks)

@@ -1,0 +1,73 @@
+"""Build a model from a checkpoint directory: read config, build on meta, materialise, fill."""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from moetier.errors import MoetierError
+from moetier.loader.checkpoint import checkpoint_bytes, iter_tensors, shard_files
+from moetier.loader.dummy import fill_dummy
+from moetier.loader.resolve import read_config
+from moetier.loader.weights import load_weights
+from moetier.models.family import Family
+from moetier.models.registry import family_for
+from moetier.models.spec import ModelSpec
+from moetier.models.transformer import CausalLM
+from moetier.moe.executor import ResidentExecutor
+
+log = logging.getLogger(__name__)
+_PROGRESS_BAR_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A checkpoint directory with its config read and its family and spec known."""
+
+    model_dir: Path
+    config: dict
+    family: Family
+    spec: ModelSpec
+
+
+def read_source(model_dir: Path) -> ModelSource:
+    config = read_config(model_dir)
+    family = family_for(config)
+    return ModelSource(model_dir, config, family, family.read_spec(config))
+
+
+def build_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> tuple[CausalLM, ResidentExecutor]:
+    """Allocates (uninitialised) parameters and expert banks directly on the device."""
+    executor = ResidentExecutor(spec, dtype, device)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = CausalLM(spec, executor)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to_empty(device=device)
+    if spec.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval(), executor
+
+
+def load_model(
+    source: ModelSource, dtype: torch.dtype, device: torch.device, load_format: str, seed: int
+) -> tuple[CausalLM, ResidentExecutor]:
+    model, executor = build_model(source.spec, dtype, device)
+    if load_format == "dummy":
+        fill_dummy(model, executor, seed)
+    elif load_format in ("auto", "safetensors"):
+        files = shard_files(source.model_dir)
+        tensors = iter_tensors(files)
+        if checkpoint_bytes(files) > _PROGRESS_BAR_BYTES:
+            tensors = tqdm(tensors, desc=f"loading {source.model_dir.name}", unit=" tensors")
+        with torch.no_grad():
+            load_weights(model, executor, source.family, tensors)
+    else:
+        raise MoetierError(f"unknown --load-format {load_format!r} (choose auto, safetensors or dummy)")
+    log.info("loaded %s (%s, %d layers) as %s on %s", source.model_dir, source.spec.architecture, source.spec.num_layers, dtype, device)
+    return model, executor

@@ -1,0 +1,71 @@
+"""The grouped-query attention block shared by every non-MLA family.
+
+Options cover the families: qkv/o biases (Qwen2-MoE, GPT-OSS), per-head or full-width q/k
+RMSNorm (Qwen3-MoE / OLMoE), qkv clipping (OLMoE), attention sinks and sliding windows (GPT-OSS).
+Shapes: T flat tokens, H query heads, K kv heads, D head dim.
+"""
+
+import torch
+
+from moetier.engine.batch import ForwardBatch
+from moetier.models import paged_attention
+from moetier.models.norm import RMSNorm
+from moetier.models.rope import Rotary
+from moetier.models.spec import AttentionSpec
+
+
+class GQAAttention(torch.nn.Module):
+    def __init__(self, spec: AttentionSpec, hidden_size: int, eps: float, sliding_window: int | None):
+        super().__init__()
+        self.spec = spec
+        self.sliding_window = sliding_window
+        h, k, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_proj = torch.nn.Linear(hidden_size, h * d, bias=spec.qkv_bias)
+        self.k_proj = torch.nn.Linear(hidden_size, k * d, bias=spec.qkv_bias)
+        self.v_proj = torch.nn.Linear(hidden_size, k * d, bias=spec.qkv_bias)
+        self.o_proj = torch.nn.Linear(h * d, hidden_size, bias=spec.o_bias)
+        if spec.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(d, eps), RMSNorm(d, eps)
+        elif spec.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(h * d, eps), RMSNorm(k * d, eps)
+        if spec.sinks:
+            self.sinks = torch.nn.Parameter(torch.zeros(h))
+        self.rotary = Rotary(spec.rope)
+
+    def kv_cache_token_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per cached token: one K and one V entry of [K, D]."""
+        shape = (self.spec.num_kv_heads, self.spec.head_dim)
+        return (shape, shape)
+
+    def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        spec = self.spec
+        q, k, v = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
+        if spec.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if spec.clip_qkv is not None:
+            q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
+        q_THD = q.unflatten(-1, (spec.num_heads, spec.head_dim))
+        k_TKD = k.unflatten(-1, (spec.num_kv_heads, spec.head_dim))
+        v_TKD = v.unflatten(-1, (spec.num_kv_heads, spec.head_dim))
+        if spec.qk_norm == "head":
+            q_THD, k_TKD = self.q_norm(q_THD), self.k_norm(k_TKD)
+        cos, sin = self.rotary.cos_sin(batch.positions_T, q_THD.dtype)
+        q_THD, k_TKD = self.rotary.apply(q_THD, cos, sin), self.rotary.apply(k_TKD, cos, sin)
+
+        k_cache, v_cache = kv_cache
+        paged_attention.write_kv(k_cache, batch.slot_mapping_T, k_TKD)
+        paged_attention.write_kv(v_cache, batch.slot_mapping_T, v_TKD)
+        sinks_H = self.sinks if spec.sinks else None
+        out_THD = torch.empty_like(q_THD)
+        for seq in batch.seqs:
+            rows = slice(seq.q_start, seq.q_start + seq.q_len)
+            mask_LC = paged_attention.causal_mask(seq.q_len, seq.ctx_len, self.sliding_window, x_TD.device)
+            out_THD[rows] = paged_attention.attend(
+                q_THD[rows],
+                paged_attention.gather_kv(k_cache, seq),
+                paged_attention.gather_kv(v_cache, seq),
+                mask_LC,
+                spec.softmax_scale,
+                sinks_H,
+            )
+        return self.o_proj(out_THD.flatten(1))

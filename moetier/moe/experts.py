@@ -1,0 +1,85 @@
+"""Packed expert storage and the one expert kernel.
+
+Each expert is one contiguous run of bytes (gate_up, down, optional biases), so moving an expert
+between tiers is a single copy. An ExpertBank is S such slots in one raw byte buffer with typed
+views; the resident run is a bank holding every expert of a layer.
+Legend: S slots, N tokens routed to one expert, D hidden, F expert intermediate size.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moetier.models.spec import MoESpec
+
+_ALIGN_BYTES = 256
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN_BYTES) * _ALIGN_BYTES
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Byte layout of one packed expert."""
+
+    hidden_size: int
+    intermediate_size: int
+    dtype: torch.dtype
+    bias: bool
+
+    @property
+    def part_shapes(self) -> dict[str, tuple[int, ...]]:
+        d, f = self.hidden_size, self.intermediate_size
+        shapes = {"gate_up": (2 * f, d), "down": (d, f)}
+        if self.bias:
+            shapes |= {"gate_up_bias": (2 * f,), "down_bias": (d,)}
+        return shapes
+
+    @property
+    def part_offsets(self) -> dict[str, int]:
+        offsets, offset = {}, 0
+        for name, shape in self.part_shapes.items():
+            offsets[name] = offset
+            offset += _aligned(self.dtype.itemsize * torch.Size(shape).numel())
+        return offsets
+
+    @property
+    def slot_bytes(self) -> int:
+        name, shape = list(self.part_shapes.items())[-1]
+        return self.part_offsets[name] + _aligned(self.dtype.itemsize * torch.Size(shape).numel())
+
+
+class ExpertBank:
+    """S packed expert slots in one raw byte buffer, with a typed [S, ...] view per part."""
+
+    def __init__(self, num_slots: int, layout: ExpertLayout, device: torch.device | str):
+        self.layout = layout
+        self.bytes_SB = torch.empty(num_slots, layout.slot_bytes, dtype=torch.uint8, device=device)
+        elems_SB = self.bytes_SB.view(layout.dtype)
+        self.parts: dict[str, torch.Tensor] = {}
+        for name, shape in layout.part_shapes.items():
+            start = layout.part_offsets[name] // layout.dtype.itemsize
+            numel = torch.Size(shape).numel()
+            self.parts[name] = elems_SB[:, start : start + numel].view(num_slots, *shape)
+
+    @property
+    def num_slots(self) -> int:
+        return self.bytes_SB.shape[0]
+
+
+def expert_mlp(x_ND: torch.Tensor, bank: ExpertBank, slot: int, spec: MoESpec) -> torch.Tensor:
+    """One expert's gated MLP on the N tokens routed to it (the reference kernel)."""
+    parts = bank.parts
+    gate_up_bias = parts["gate_up_bias"][slot] if spec.expert_bias else None
+    down_bias = parts["down_bias"][slot] if spec.expert_bias else None
+    gate_up_N2F = F.linear(x_ND, parts["gate_up"][slot], gate_up_bias)
+    gate_NF, up_NF = gate_up_N2F.chunk(2, dim=-1)
+    if spec.activation == "silu":
+        act_NF = F.silu(gate_NF) * up_NF
+    else:  # GPT-OSS: clamped gate and up, sigmoid-weighted gate, (up + 1)
+        gate_NF = gate_NF.clamp(max=spec.swiglu_limit)
+        up_NF = up_NF.clamp(-spec.swiglu_limit, spec.swiglu_limit)
+        act_NF = (up_NF + 1) * (gate_NF * torch.sigmoid(gate_NF * spec.swiglu_alpha))
+    return F.linear(act_NF, parts["down"][slot], down_bias)

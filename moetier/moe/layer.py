@@ -1,0 +1,31 @@
+"""MoELayer: the one place where router, expert executor and shared experts meet."""
+
+import torch
+
+from moetier.models.mlp import DenseMLP
+from moetier.models.spec import MoESpec
+from moetier.moe.executor import ExpertExecutor
+from moetier.moe.router import Router
+
+
+class MoELayer(torch.nn.Module):
+    def __init__(self, layer: int, spec: MoESpec, hidden_size: int, executor: ExpertExecutor):
+        super().__init__()
+        self.layer = layer
+        self.spec = spec
+        self.executor = executor
+        self.gate = Router(spec.router, hidden_size)
+        if spec.shared_intermediate_size:
+            self.shared_expert = DenseMLP(hidden_size, spec.shared_intermediate_size)
+        if spec.shared_gate:
+            self.shared_expert_gate = torch.nn.Linear(hidden_size, 1, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        routing = self.gate(x_TD)
+        y_TD = self.executor.run(self.layer, x_TD, routing)
+        if self.spec.shared_intermediate_size:
+            shared_TD = self.shared_expert(x_TD)
+            if self.spec.shared_gate:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+        return y_TD

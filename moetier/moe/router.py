@@ -1,0 +1,59 @@
+"""Router: every gating variant of the supported families, producing one Routing.
+
+Legend: T tokens, D hidden, E routed experts, K experts per token, G expert groups.
+Scores are computed in fp32; the k order of topk_ids_TK is the summation order downstream.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moetier.models.spec import RouterSpec
+
+
+@dataclass(frozen=True)
+class Routing:
+    topk_ids_TK: torch.Tensor  # int64
+    topk_weights_TK: torch.Tensor  # fp32
+
+
+class Router(torch.nn.Module):
+    def __init__(self, spec: RouterSpec, hidden_size: int):
+        super().__init__()
+        self.spec = spec
+        self.weight = torch.nn.Parameter(torch.empty(spec.num_experts, hidden_size))
+        if spec.bias:
+            self.bias = torch.nn.Parameter(torch.zeros(spec.num_experts))
+        if spec.correction_bias:
+            self.e_score_correction_bias = torch.nn.Parameter(torch.zeros(spec.num_experts))
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        spec = self.spec
+        bias = self.bias.float() if spec.bias else None
+        logits_TE = F.linear(x_TD.float(), self.weight.float(), bias)
+        if spec.scoring == "topk_softmax":
+            top_logits_TK, topk_ids_TK = torch.topk(logits_TE, spec.top_k, dim=-1)
+            return Routing(topk_ids_TK, torch.softmax(top_logits_TK, dim=-1))
+        scores_TE = torch.softmax(logits_TE, dim=-1) if spec.scoring == "softmax" else torch.sigmoid(logits_TE)
+        choice_TE = scores_TE + self.e_score_correction_bias.float() if spec.correction_bias else scores_TE
+        if spec.num_groups > 1:
+            choice_TE = self._mask_to_top_groups(choice_TE)
+        topk_ids_TK = torch.topk(choice_TE, spec.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, topk_ids_TK)
+        if spec.norm_topk:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(topk_ids_TK, weights_TK * spec.routed_scaling)
+
+    def _mask_to_top_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        """Grouped top-k: experts outside the topk_groups best groups are zeroed, as DeepSeek does."""
+        spec = self.spec
+        grouped_TGe = choice_TE.unflatten(-1, (spec.num_groups, -1))
+        if spec.group_score == "max":
+            group_scores_TG = grouped_TGe.amax(dim=-1)
+        else:
+            group_scores_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+        top_groups_TG = torch.topk(group_scores_TG, spec.topk_groups, dim=-1).indices
+        keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, top_groups_TG, True)
+        keep_TE = keep_TG[:, :, None].expand_as(grouped_TGe).flatten(1)
+        return choice_TE.masked_fill(~keep_TE, 0.0)

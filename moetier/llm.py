@@ -63,7 +63,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Applies the checkpoint's chat template to one conversation or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.engine.tokenizer.encode_chat(c) for c in conversations]
+        prompts = [self.engine.require_tokenizer().encode_chat(c) for c in conversations]
         return self.generate(prompts, params, on_output)
 
     def score(self, token_ids: list[int]) -> torch.Tensor:

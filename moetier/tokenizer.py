@@ -48,12 +48,26 @@ def _compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+def read_stop_token_ids(model_dir: Path, model_config: dict, tokenizer: "Tokenizer | None") -> frozenset[int]:
+    """eos ids from generation_config.json, else config.json, else the tokenizer's eos token."""
+    eos = _read_json(model_dir / "generation_config.json").get("eos_token_id", model_config.get("eos_token_id"))
+    if eos is None and tokenizer is not None and "eos_token" in tokenizer.special_tokens:
+        eos = tokenizer.hf.token_to_id(tokenizer.special_tokens["eos_token"])
+    ids = eos if isinstance(eos, list) else [eos]
+    return frozenset(i for i in ids if i is not None)
+
+
 class Tokenizer:
-    def __init__(self, model_dir: Path, model_config: dict):
-        path = model_dir / "tokenizer.json"
-        if not path.is_file():
-            raise CheckpointError(f"{model_dir} has no tokenizer.json")
-        self.hf = HFTokenizer.from_file(str(path))
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> "Tokenizer | None":
+        """None when the directory has no tokenizer.json (e.g. a config-only dummy model)."""
+        return cls(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+
+    def __init__(self, model_dir: Path):
+        try:
+            self.hf = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
+        except Exception as e:
+            raise CheckpointError(f"{model_dir / 'tokenizer.json'} could not be read: {e}") from None
         self.config = _read_json(model_dir / "tokenizer_config.json")
         self.special_tokens = {
             key: _token_text(self.config[key])
@@ -61,7 +75,6 @@ class Tokenizer:
             if self.config.get(key) is not None
         }
         self.chat_template = self._load_template(model_dir)
-        self.stop_token_ids = self._stop_ids(model_dir, model_config)
 
     def _load_template(self, model_dir: Path) -> jinja2.Template | None:
         jinja_file = model_dir / "chat_template.jinja"
@@ -69,14 +82,6 @@ class Tokenizer:
         if isinstance(source, list):  # named templates: use "default"
             source = next((t["template"] for t in source if t.get("name") == "default"), None)
         return _compile_template(source) if source else None
-
-    def _stop_ids(self, model_dir: Path, model_config: dict) -> frozenset[int]:
-        generation = _read_json(model_dir / "generation_config.json")
-        eos = generation.get("eos_token_id", model_config.get("eos_token_id"))
-        if eos is None and "eos_token" in self.special_tokens:
-            eos = self.hf.token_to_id(self.special_tokens["eos_token"])
-        ids = eos if isinstance(eos, list) else [eos]
-        return frozenset(i for i in ids if i is not None)
 
     @property
     def vocab_size(self) -> int:

@@ -9,8 +9,9 @@ Recipe:
 - Data: the train split's documents (eos between them); every 20th document (index % 20 == 7)
   is a validation set that training never sees and that picks the variant (below). The
   held-out split is only evaluated, never used for any choice.
-- Model: Qwen3-MoE, every layer sparse, load-balancing loss on (output_router_logits,
-  router_aux_loss_coef); fp32 master weights, bf16 autocast, experts computed in bf16 grouped
+- Model: Qwen3-MoE, every layer sparse, load-balancing loss on (router_aux_loss_coef times
+  transformers' load_balancing_loss_func applied to each layer's router logits, averaged over
+  layers); fp32 master weights, bf16 autocast, experts computed in bf16 grouped
   GEMMs on CUDA.
 - Optimizer: AdamW (betas 0.9/0.95, weight decay on matrices), linear warmup then cosine decay to
   10% of the peak; progress = max(step / steps_for_epochs, train_seconds / time_budget), so the
@@ -50,6 +51,7 @@ import transformers
 from tokenizers import Tokenizer
 from transformers import GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.integrations.moe import ExpertsInterface
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 REPO = Path(__file__).resolve().parents[1]
 EOS_ID, IM_END_ID = 0, 2
@@ -288,6 +290,25 @@ def build_config(args, vocab: int) -> Qwen3MoeConfig:
     )
 
 
+def balance_loss(router_logits, config) -> torch.Tensor:
+    """Load-balancing loss per layer (transformers' Switch-style function on one layer at a time),
+    averaged over layers: experts are balanced within each layer, not only summed over layers.
+    Equals num_experts_per_tok when routing is uniform."""
+    per_layer = [
+        load_balancing_loss_func((logits,), config.num_experts, config.num_experts_per_tok)
+        for logits in router_logits
+    ]
+    return torch.stack(per_layer).mean()
+
+
+def public_config_names(path: Path) -> None:
+    """transformers 5 writes `num_local_experts` (its attribute map); the published Qwen3-MoE
+    configs say `num_experts`, which transformers 4 and 5 both read."""
+    config = json.loads(path.read_text())
+    config["num_experts"] = config.pop("num_local_experts")
+    path.write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+
+
 def lr_at(step: int, progress: float, args) -> float:
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
@@ -355,13 +376,14 @@ def train_one(args) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(input_ids=w_BL[:, :-1], output_router_logits=True, use_cache=False)
         lm_loss = F.cross_entropy(out.logits.float().reshape(-1, vocab), w_BL[:, 1:].reshape(-1))
-        loss = lm_loss + coef * out.aux_loss
+        aux_loss = balance_loss(out.router_logits, config)
+        loss = lm_loss + coef * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         step += 1
-        recent.append(torch.stack([lm_loss.detach(), out.aux_loss.detach()]))
+        recent.append(torch.stack([lm_loss.detach(), aux_loss.detach()]))
         if step % args.log_every == 0:
             lm, aux = torch.stack(recent).mean(0).tolist()
             recent = []
@@ -400,6 +422,7 @@ def train_one(args) -> None:
         bos_token_id=EOS_ID, eos_token_id=[EOS_ID, IM_END_ID], pad_token_id=EOS_ID, do_sample=False
     )
     model.save_pretrained(args.out, max_shard_size=args.max_shard_size)
+    public_config_names(args.out / "config.json")
     corpus_info = json.loads((args.corpus / "corpus.json").read_text())
     last = history[-max(1, len(history) // 20):] if history else []
     stats = {
@@ -421,7 +444,7 @@ def train_one(args) -> None:
         "train_seconds": train_seconds,
         "tokens_per_second": tokens_seen / max(train_seconds, 1e-9),
         "train_loss": float(np.mean([h["loss"] for h in last])) if last else None,
-        "train_loss_note": "mean LM loss (no aux) of the last 5% of logged points, bf16 autocast",
+        "train_loss_note": "mean LM loss (no aux) over the last 5% of logged points",
         "val": ppl_summary(final_val),
         "heldout": ppl_summary(final_held),
         "heldout_untrained": ppl_summary(untrained_res),
@@ -452,7 +475,9 @@ def run_variants(args, epochs: list[float]) -> None:
         out = work / f"epochs{e:g}"
         cmd = [sys.executable, str(Path(__file__).resolve())] + child_argv(args, e, out)
         logf = open(work / f"epochs{e:g}.log", "w")
-        children.append((e, out, logf, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)))
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(epochs)))}
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        children.append((e, out, logf, proc))
         log("started", " ".join(cmd[1:]))
     results = []
     for e, out, logf, proc in children:

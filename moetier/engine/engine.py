@@ -17,7 +17,7 @@ from moetier.errors import MoetierError
 from moetier.loader.load import load_model, read_source
 from moetier.loader.resolve import resolve_model_dir
 from moetier.sampling_params import SamplingParams
-from moetier.tokenizer import Tokenizer
+from moetier.tokenizer import Tokenizer, read_stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,28 @@ class Engine:
         self.resolved = resolve(config, self.source.model_dir, self.source.spec)
         r = self.resolved
         self.model, self.executor = load_model(self.source, r.dtype, r.device, config.load_format, config.seed)
-        self.tokenizer = Tokenizer(self.source.model_dir, self.source.config)
+        self.tokenizer = Tokenizer.from_dir(self.source.model_dir)
+        self.stop_token_ids = read_stop_token_ids(self.source.model_dir, self.source.config, self.tokenizer)
         kv_cache = KVCache(self.model.kv_cache_token_shapes(), r.num_kv_blocks, config.block_size, r.dtype, r.device)
         self.runner = Runner(self.model, kv_cache, r.device)
         self.blocks = BlockManager(r.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = Sampler(self.tokenizer.stop_token_ids)
+        self.sampler = Sampler(self.stop_token_ids)
         self._request_ids = itertools.count()
         self._sequences: dict[str, Sequence] = {}
 
     # --- requests -------------------------------------------------------------------------
 
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise MoetierError(f"{self.source.model_dir} has no tokenizer.json: give prompts as token ids")
+        return self.tokenizer
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
+
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.require_tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise MoetierError("the prompt is empty")
         vocab = self.source.spec.vocab_size
@@ -136,14 +145,14 @@ class Engine:
     def _update_text_and_finish(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
         can_stop = len(seq.output_ids) >= params.min_tokens
-        text = self.tokenizer.decode(seq.output_ids)
+        text = self.decode(seq.output_ids)
         if can_stop:
             hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
             if hits:
                 seq.text = text[: min(hits)]
                 return "stop"
         seq.text = text
-        eos = not params.ignore_eos and token in self.tokenizer.stop_token_ids
+        eos = not params.ignore_eos and token in self.stop_token_ids
         if can_stop and (eos or token in params.stop_token_ids):
             return "stop"
         if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.resolved.max_model_len:

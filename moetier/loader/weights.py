@@ -58,7 +58,7 @@ def load_weights(
     if family.convert is not None:
         tensors = family.convert(tensors)
     for checkpoint_name, tensor in tensors:
-        if family.is_ignored(checkpoint_name):
+        if family.is_ignored(checkpoint_name, model.spec.num_layers):
             continue
         name = family.our_name(checkpoint_name)
         if ref := family.parse_expert(name):

@@ -15,6 +15,7 @@ import torch
 
 from moetier.models.spec import ModelSpec
 
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")
 _FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
 _FUSED_PARTS = {"gate_up_proj": "gate_up", "down_proj": "down"}
@@ -51,6 +52,9 @@ class Family:
     # Optional stream transform before renaming, for tensors that convert together
     # (e.g. MXFP4 blocks + scales -> dequantized weights).
     convert: Callable[[Iterator[tuple[str, torch.Tensor]]], Iterator[tuple[str, torch.Tensor]]] | None = None
+    # Drop model.layers.{L}.* for L >= the model's layer count (DeepSeek-V3's multi-token-prediction
+    # modules live there); elsewhere such tensors mean a config/checkpoint mismatch and are errors.
+    extra_layers_ignored: bool = False
 
     def our_name(self, checkpoint_name: str) -> str:
         for pattern, replacement in self.renames:
@@ -60,5 +64,9 @@ class Family:
     def parse_expert(self, name: str) -> ExpertTensor | None:
         return parse_expert_default(name, self.expert_parts)
 
-    def is_ignored(self, checkpoint_name: str) -> bool:
+    def is_ignored(self, checkpoint_name: str, num_layers: int | None = None) -> bool:
+        if self.extra_layers_ignored and num_layers is not None:
+            m = _LAYER.match(checkpoint_name)
+            if m and int(m.group(1)) >= num_layers:
+                return True
         return any(re.fullmatch(p, checkpoint_name) for p in self.ignored)

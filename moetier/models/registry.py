@@ -1,10 +1,12 @@
 """Families by HF `architectures` name."""
 
 from moetier.errors import UnsupportedModelError
+from moetier.models.families.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
+from moetier.models.families.gpt_oss import GPT_OSS
 from moetier.models.families.gqa_moe import MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE
 from moetier.models.family import Family
 
-FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE)
+FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS)
 
 
 def supported_architectures() -> list[str]:

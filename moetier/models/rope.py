@@ -26,7 +26,9 @@ def _yarn_inv_freq(spec: RopeSpec, base_inv_freq: torch.Tensor) -> tuple[torch.T
     ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolation_weight = 1 - ramp
     inv_freq = base_inv_freq / spec.factor * (1 - extrapolation_weight) + base_inv_freq * extrapolation_weight
-    if spec.mscale and spec.mscale_all_dim:
+    if spec.attention_factor is not None:
+        attention_factor = spec.attention_factor
+    elif spec.mscale and spec.mscale_all_dim:
         attention_factor = _yarn_mscale(spec.factor, spec.mscale) / _yarn_mscale(spec.factor, spec.mscale_all_dim)
     else:
         attention_factor = _yarn_mscale(spec.factor)

@@ -16,8 +16,9 @@ class RopeSpec:
     original_max_position: int = 0
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    mscale: float = 1.0
+    mscale: float = 0.0  # YaRN: 0 means not given (then the attention factor depends on factor alone)
     mscale_all_dim: float = 0.0
+    attention_factor: float | None = None  # YaRN: explicit cos/sin scale, overriding the mscales
     truncate: bool = True
     interleaved: bool = False  # rotate adjacent pairs (DeepSeek) instead of halves
 

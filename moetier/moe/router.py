@@ -26,7 +26,8 @@ class Router(torch.nn.Module):
         if spec.bias:
             self.bias = torch.nn.Parameter(torch.zeros(spec.num_experts))
         if spec.correction_bias:
-            self.e_score_correction_bias = torch.nn.Parameter(torch.zeros(spec.num_experts))
+            # fp32 whatever the model dtype, as the checkpoints store it: it decides near-ties.
+            self.e_score_correction_bias = torch.nn.Parameter(torch.zeros(spec.num_experts, dtype=torch.float32))
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         spec = self.spec
@@ -46,7 +47,14 @@ class Router(torch.nn.Module):
         return Routing(topk_ids_TK, weights_TK * spec.routed_scaling)
 
     def _mask_to_top_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
-        """Grouped top-k: experts outside the topk_groups best groups are zeroed, as DeepSeek does."""
+        """Grouped top-k (DeepSeek): experts outside the topk_groups best groups can't be chosen.
+
+        Groups score by their best expert ("max", V2 group_limited_greedy) or by the sum of their
+        two best biased scores ("top2_sum", V3 noaux_tc). Masked experts get -inf: V3's biased
+        scores can be negative, so 0 (V2's fill) would not exclude them; for V2's softmax scores
+        both fills choose the same experts whenever the kept groups hold at least top_k experts,
+        which the config readers require.
+        """
         spec = self.spec
         grouped_TGe = choice_TE.unflatten(-1, (spec.num_groups, -1))
         if spec.group_score == "max":
@@ -56,4 +64,4 @@ class Router(torch.nn.Module):
         top_groups_TG = torch.topk(group_scores_TG, spec.topk_groups, dim=-1).indices
         keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, top_groups_TG, True)
         keep_TE = keep_TG[:, :, None].expand_as(grouped_TGe).flatten(1)
-        return choice_TE.masked_fill(~keep_TE, 0.0)
+        return choice_TE.masked_fill(~keep_TE, float("-inf"))

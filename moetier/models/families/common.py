@@ -46,8 +46,9 @@ def read_rope(cfg: dict, rotary_dim: int, interleaved: bool = False) -> RopeSpec
         original_max_position=int(original),
         beta_fast=float(params.get("beta_fast") or 32.0),
         beta_slow=float(params.get("beta_slow") or 1.0),
-        mscale=float(params.get("mscale") or 1.0),
+        mscale=float(params.get("mscale") or 0.0),
         mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        attention_factor=None if params.get("attention_factor") is None else float(params["attention_factor"]),
         truncate=bool(params.get("truncate", True)),
         interleaved=interleaved,
     )

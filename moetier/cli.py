@@ -1,0 +1,138 @@
+"""moetier command line: generate | chat.
+
+Every user mistake surfaces as one line on stderr and exit code 2, never a traceback.
+"""
+
+import argparse
+import logging
+import sys
+
+from moetier.errors import MoetierError
+
+
+def _engine_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", help="checkpoint directory or Hub id already in the local HF cache "
+                   "(default: the small MoE embedded in moetier)")
+    g.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), float32, bfloat16 or float16")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="dummy: random weights from config.json alone (for benchmarks)")
+    g.add_argument("--max-model-len", type=int, help="longest prompt + output in tokens "
+                   "(default: min(model limit, 4096)); sizes the KV cache")
+    g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together; sizes the KV cache")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per step; longer prompts are prefilled in chunks")
+    g.add_argument("--seed", type=int, default=0, help="seed for dummy weights")
+    g.add_argument("-v", "--verbose", action="store_true", help="log what was resolved and loaded")
+    return p
+
+
+def _sampling_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="new tokens at most")
+    g.add_argument("--min-tokens", type=int, default=0, help="new tokens before eos/stop may end the output")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this much probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeating tokens")
+    g.add_argument("--sample-seed", type=int, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    return p
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moetier", description="Fast Mixture-of-Experts inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    parents = [_engine_flags(), _sampling_flags()]
+    gen = sub.add_parser("generate", parents=parents, help="complete a prompt, streaming to the terminal")
+    gen.add_argument("prompt", help="the text to continue")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    sub.add_parser("chat", parents=parents, help="interactive chat with the model's chat template")
+    return parser
+
+
+def _engine_options(args) -> dict:
+    return dict(
+        dtype=args.dtype,
+        device=args.device,
+        load_format=args.load_format,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        seed=args.seed,
+    )
+
+
+def _sampling_params(args):
+    from moetier.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.sample_seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _print_delta(_index, output) -> None:
+    sys.stdout.write(output.new_text)
+    sys.stdout.flush()
+
+
+def _generate(args) -> None:
+    from moetier.llm import LLM
+
+    params = _sampling_params(args)
+    llm = LLM(args.model, **_engine_options(args))
+    if args.chat:
+        llm.chat([{"role": "user", "content": args.prompt}], params, on_output=_print_delta)
+    else:
+        sys.stdout.write(args.prompt)
+        llm.generate(args.prompt, params, on_output=_print_delta)
+    sys.stdout.write("\n")
+
+
+def _chat(args) -> None:
+    from moetier.llm import LLM
+
+    params = _sampling_params(args)
+    llm = LLM(args.model, **_engine_options(args))
+    history: list[dict] = []
+    print("moetier chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        [output] = llm.chat(history, params, on_output=_print_delta)
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": output.text})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        {"generate": _generate, "chat": _chat}[args.command](args)
+    except MoetierError as e:
+        print(f"moetier: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

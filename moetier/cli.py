@@ -1,4 +1,4 @@
-"""moetier command line: generate | chat.
+"""moetier command line: generate | chat | eval-ppl.
 
 Every user mistake surfaces as one line on stderr and exit code 2, never a traceback.
 """
@@ -52,6 +52,12 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the text to continue")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     sub.add_parser("chat", parents=parents, help="interactive chat with the model's chat template")
+    ppl = sub.add_parser("eval-ppl", parents=[_engine_flags()], help="sliding-window perplexity on a text")
+    ppl.add_argument("--text", help="a UTF-8 text file (default: the held-out split of the corpus recipe, "
+                     "rebuilt from this Python's standard library)")
+    ppl.add_argument("--window", type=int, help="context tokens per window (default: max-model-len - 1)")
+    ppl.add_argument("--stride", type=int, help="tokens between windows (default: window / 2)")
+    ppl.add_argument("--limit-tokens", type=int, help="score only the first N tokens of the text")
     return parser
 
 
@@ -121,11 +127,45 @@ def _chat(args) -> None:
         history.append({"role": "assistant", "content": output.text})
 
 
+def _eval_ppl(args) -> None:
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from moetier.eval.perplexity import sliding_window_perplexity
+    from moetier.llm import LLM
+
+    if args.text:
+        path = Path(args.text)
+        if not path.is_file():
+            raise MoetierError(f"--text {args.text} is not a file")
+        text, source = path.read_text(encoding="utf-8", errors="strict"), str(path)
+    else:
+        from moetier.eval.corpus import build_corpus_text
+
+        text, source = build_corpus_text("heldout"), "held-out split of the stdlib corpus recipe"
+    text_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    print(f"text: {source}, sha256 {text_sha256}", file=sys.stderr)
+    llm = LLM(args.model, **_engine_options(args))
+    ids = llm.engine.require_tokenizer().encode(text, add_special_tokens=False)[: args.limit_tokens]
+    window = args.window or llm.engine.resolved.max_model_len - 1
+    stride = args.stride or max(window // 2, 1)
+    if not 0 < stride <= window < llm.engine.resolved.max_model_len:
+        raise MoetierError("need 0 < stride <= window < max-model-len")
+    result = sliding_window_perplexity(llm.score, ids, window, stride)
+    print(json.dumps({
+        "model": str(llm.engine.source.model_dir), "text": source, "text_sha256": text_sha256,
+        "tokens_scored": result.tokens_scored, "mean_nll": round(result.mean_nll, 5),
+        "perplexity": round(result.perplexity, 4), "window": window, "stride": stride,
+        "dtype": str(llm.engine.resolved.dtype).removeprefix("torch."),
+    }))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        {"generate": _generate, "chat": _chat}[args.command](args)
+        {"generate": _generate, "chat": _chat, "eval-ppl": _eval_ppl}[args.command](args)
     except MoetierError as e:
         print(f"moetier: error: {e}", file=sys.stderr)
         return 2

@@ -19,8 +19,9 @@ Recipe:
 - Batches: random windows of seq_len + 1 tokens from the training stream.
 - Variants: `--epochs 6,12,24` trains one run per value concurrently (same seed and init) and keeps
   the one with the lowest final validation loss.
-- Evaluation of the saved bf16 model on the held-out split: sliding windows of seq_len tokens with
-  stride seq_len // 2, every token after the first scored once; the same for the untrained model
+- Evaluation of the saved bf16 model on the held-out split: sliding windows of seq_len - 1 tokens
+  with stride half of that, every token after the first scored once (the defaults of
+  `moetier eval-ppl`); the same for the untrained model
   (same seed, before training) and a unigram model of the train split's token counts (add-one).
   Per-layer expert load: share of the top-k assignments per expert over the scored positions.
 
@@ -346,7 +347,8 @@ def train_one(args) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params:,} parameters, experts impl {impl}, device {device}")
     autocast = device.type == "cuda"
-    ev = dict(window=args.seq_len, stride=args.seq_len // 2, batch=args.eval_batch, device=device)
+    window = args.seq_len - 1  # as `moetier eval-ppl` by default: max-model-len - 1, stride window // 2
+    ev = dict(window=window, stride=window // 2, batch=args.eval_batch, device=device)
 
     untrained = copy.deepcopy(model).to(torch.bfloat16) if autocast else copy.deepcopy(model)
     untrained_res, _, _ = evaluate(untrained, heldout, autocast=False, **ev)
@@ -397,8 +399,8 @@ def train_one(args) -> None:
                     f"lr {lr:.2e} {tokens / elapsed:,.0f} tok/s")
         if step % args.eval_every == 0:
             te = time.time()
-            val, _, _ = evaluate(model, val_stream, autocast=autocast, **{**ev, "stride": args.seq_len})
-            held, _, _ = evaluate(model, heldout, autocast=autocast, **{**ev, "stride": args.seq_len})
+            val, _, _ = evaluate(model, val_stream, autocast=autocast, **{**ev, "stride": window})
+            held, _, _ = evaluate(model, heldout, autocast=autocast, **{**ev, "stride": window})
             evals.append({"step": step, "tokens": step * tokens_per_step,
                           "epoch": round(step * tokens_per_step / train_stream.size, 3),
                           "val_loss": ppl_summary(val)["loss"], "heldout_loss": ppl_summary(held)["loss"]})
@@ -449,7 +451,8 @@ def train_one(args) -> None:
         "heldout": ppl_summary(final_held),
         "heldout_untrained": ppl_summary(untrained_res),
         "heldout_unigram": unigram_baseline(train_split, targets, vocab),
-        "eval_method": f"sliding windows of {args.seq_len} tokens, stride {args.seq_len // 2}, bf16 weights",
+        "eval_method": f"sliding windows of {window} tokens, stride {window // 2}, each token after the "
+                       "first scored once, bf16 weights (as `moetier eval-ppl` by default)",
         "expert_load": expert_load(counts_LE),
         "continuations": conts,
         "evals": evals,

@@ -37,8 +37,8 @@ def absorbed_cost(spec: AttentionSpec, q_len: int, ctx_len: int) -> int:
 
 class MLAAttention(torch.nn.Module):
     def __init__(self, spec: AttentionSpec, hidden_size: int, eps: float):
+        """eps (rms_norm_eps) is the decoder block's; the latent norms use _LATENT_NORM_EPS."""
         super().__init__()
-        del eps  # the block's own norms (input/post-attention) use it; the latent norms do not
         self.spec = spec
         self.form = "auto"  # one of MLA_FORMS
         h, n, p, v, r = spec.num_heads, spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim, spec.kv_lora_rank

@@ -21,15 +21,22 @@ E2M1_MAX = 6.0
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
-def dequantize_mxfp4(blocks_G16: torch.Tensor, scales_G: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _byte_table(device: torch.device) -> torch.Tensor:
+    """[256, 2]: the two values (low nibble first) that each byte holds, at scale 2**0."""
+    byte_B = torch.arange(256, device=device)
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+    return torch.stack((lut[byte_B & 0x0F], lut[byte_B >> 4]), dim=-1)
+
+
+def dequantize_mxfp4(
+    blocks_G16: torch.Tensor, scales_G: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """blocks [..., G, 16] + scales [..., G] -> values [..., 32 * G] in dtype (exact in fp32 and bf16)."""
     if blocks_G16.dtype != torch.uint8 or scales_G.dtype != torch.uint8:
         raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks_G16.dtype} and {scales_G.dtype}")
     if blocks_G16.shape[-1] != BLOCK_SIZE // 2 or blocks_G16.shape[:-1] != scales_G.shape:
         raise ValueError(f"MXFP4 blocks {tuple(blocks_G16.shape)} do not fit scales {tuple(scales_G.shape)}")
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=blocks_G16.device)
-    codes_G16x2 = torch.stack((blocks_G16 & 0x0F, blocks_G16 >> 4), dim=-1).long()
-    values_G32 = lut[codes_G16x2].flatten(-2)
+    values_G32 = _byte_table(blocks_G16.device)[blocks_G16.long()].flatten(-2)
     values_G32 = torch.ldexp(values_G32, (scales_G.int() - SCALE_BIAS)[..., None].float())
     return values_G32.flatten(-2).to(dtype)
 

@@ -61,7 +61,9 @@ def _router(cfg: dict, version: int) -> RouterSpec:
     if version == 2:
         method = cfg.get("topk_method") or "greedy"
         if method not in ("greedy", "group_limited_greedy"):
-            raise CheckpointError(f"unsupported DeepSeek-V2 topk_method '{method}' (supported: greedy, group_limited_greedy)")
+            raise CheckpointError(
+                f"unsupported DeepSeek-V2 topk_method '{method}' (supported: greedy, group_limited_greedy)"
+            )
         if method == "greedy":
             groups = topk_groups = 1
         spec = RouterSpec(num_experts, top_k, scoring="softmax", routed_scaling=scaling,
@@ -75,9 +77,9 @@ def _router(cfg: dict, version: int) -> RouterSpec:
                           routed_scaling=scaling, num_groups=groups, topk_groups=topk_groups,
                           group_score="top2_sum", correction_bias=True)
     if num_experts % spec.num_groups or spec.topk_groups > spec.num_groups:
-        raise CheckpointError(f"n_group {groups} must divide n_routed_experts {num_experts} and be >= topk_group {topk_groups}")
+        raise CheckpointError(f"n_group {groups} must divide n_routed_experts {num_experts} and be >= topk_group")
     if spec.topk_groups * (num_experts // spec.num_groups) < top_k:
-        raise CheckpointError(f"topk_group {topk_groups} of {groups} groups hold fewer than num_experts_per_tok {top_k} experts")
+        raise CheckpointError(f"topk_group {topk_groups} of {groups} groups hold fewer than {top_k} (top-k) experts")
     if spec.group_score == "top2_sum" and spec.num_groups > 1 and num_experts // spec.num_groups < 2:
         raise CheckpointError("DeepSeek-V3 group scoring needs at least 2 experts per group")
     return spec

@@ -36,7 +36,9 @@ _DEFAULT_ROPE = {  # transformers' GptOssConfig defaults, for configs that give 
 _DEFAULT_THETA = 150000.0
 _SWIGLU_ALPHA = 1.702
 
-_CHECKPOINT_EXPERTS = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?")
+_CHECKPOINT_EXPERTS = re.compile(
+    r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?"
+)
 _CONVERTED_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_up_proj|down_proj)(_bias)?")
 _PARTS = {"gate_up_proj": "gate_up", "down_proj": "down"}
 
@@ -78,7 +80,8 @@ def _read(cfg: dict) -> ModelSpec:
         swiglu_alpha=_SWIGLU_ALPHA,
     )
     # transformers' default: even layers slide, odd layers attend fully.
-    layer_types = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+    default_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+    layer_types = cfg.get("layer_types") or default_types
     if len(layer_types) < num_layers:
         raise CheckpointError(f"config.json lists {len(layer_types)} layer_types for {num_layers} layers")
     window = cfg.get("sliding_window", 128)
@@ -117,7 +120,9 @@ def _per_expert(prefix: str, proj: str, suffix: str, tensor_E_: torch.Tensor) ->
         yield f"{prefix}.{expert}.{proj}{suffix}", out
 
 
-def _per_expert_mxfp4(prefix: str, proj: str, blocks: torch.Tensor, scales: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+def _per_expert_mxfp4(
+    prefix: str, proj: str, blocks: torch.Tensor, scales: torch.Tensor
+) -> Iterator[tuple[str, torch.Tensor]]:
     """MXFP4 blocks [E, R, G, 16] + scales [E, R, G] -> (name, dequantized [R, 32G]) per expert."""
     name = f"{prefix}.{proj}_blocks"
     if blocks.dim() != 4 or blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:

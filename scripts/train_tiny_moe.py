@@ -17,6 +17,8 @@ Recipe:
   10% of the peak; progress = max(step / steps_for_epochs, train_seconds / time_budget), so the
   schedule ends at whichever of the epoch count or the wall-clock budget comes first.
 - Batches: random windows of seq_len + 1 tokens from the training stream.
+- Periodic evaluations (loss curve only): the first --probe-tokens of the validation and held-out
+  streams in non-overlapping windows.
 - Variants: `--epochs 6,12,24` trains one run per value concurrently (same seed and init) and keeps
   the one with the lowest final validation loss.
 - Evaluation of the saved bf16 model on the held-out split: sliding windows of seq_len - 1 tokens
@@ -364,10 +366,11 @@ def train_one(args) -> None:
     history, evals, recent = [], [], []
     coef = config.router_aux_loss_coef
     step, train_seconds, eval_seconds = 0, 0.0, 0.0
+    val_probe, held_probe = val_stream[: args.probe_tokens], heldout[: args.probe_tokens]
     t0 = time.time()
-    while True:
+    while True:  # the budget counts periodic evaluations too; tokens/s counts training alone
         train_seconds = time.time() - t0 - eval_seconds
-        progress = max(step / total_steps, train_seconds / args.time_budget)
+        progress = max(step / total_steps, (time.time() - t0) / args.time_budget)
         if progress >= 1.0:
             break
         lr = lr_at(step, progress, args)
@@ -399,8 +402,8 @@ def train_one(args) -> None:
                     f"lr {lr:.2e} {tokens / elapsed:,.0f} tok/s")
         if step % args.eval_every == 0:
             te = time.time()
-            val, _, _ = evaluate(model, val_stream, autocast=autocast, **{**ev, "stride": window})
-            held, _, _ = evaluate(model, heldout, autocast=autocast, **{**ev, "stride": window})
+            val, _, _ = evaluate(model, val_probe, autocast=autocast, **{**ev, "stride": window})
+            held, _, _ = evaluate(model, held_probe, autocast=autocast, **{**ev, "stride": window})
             evals.append({"step": step, "tokens": step * tokens_per_step,
                           "epoch": round(step * tokens_per_step / train_stream.size, 3),
                           "val_loss": ppl_summary(val)["loss"], "heldout_loss": ppl_summary(held)["loss"]})
@@ -502,7 +505,7 @@ def run_variants(args, epochs: list[float]) -> None:
     stats = json.loads((args.out / "stats.json").read_text())
     stats["variants"] = [
         {"epochs": e, "val_loss": loss, **{k: s[k] for k in ("steps", "tokens_seen", "tokens_per_second")},
-         "heldout_loss": s["heldout"]["loss"]}
+         "heldout_loss": s["heldout"]["loss"], "heldout_ppl": s["heldout"]["ppl"], "evals": s["evals"]}
         for loss, e, out in sorted(results, key=lambda r: r[1])
         for s in [json.loads((out / "stats.json").read_text())]
     ]
@@ -538,7 +541,8 @@ def parse_args():
     p.add_argument("--work", default="/tmp/tiny-moe-variants", help="variant outputs (with several --epochs)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--epochs", default="12", help="epochs over the training stream; a comma list trains variants")
-    p.add_argument("--time-budget", type=float, default=450.0, help="seconds of training per run")
+    p.add_argument("--time-budget", type=float, default=450.0,
+                   help="seconds of training (periodic evaluations included) per run")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -549,6 +553,8 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--probe-tokens", type=int, default=32768,
+                   help="periodic evaluations score the first N tokens of val and held-out, non-overlapping windows")
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--heldout-tokens", type=int, default=0, help="evaluate a prefix only (0: all)")
     p.add_argument("--experts-impl", default="auto", help="auto | bf16_grouped_mm | grouped_mm | eager")

@@ -27,6 +27,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     seed: int = 0
+    cuda_graphs: bool = True  # capture decode steps (CUDA, GQA models); False: always eager
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

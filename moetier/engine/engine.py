@@ -47,8 +47,15 @@ class Engine:
         self.model, self.executor = load_model(self.source, r.dtype, r.device, config.load_format, config.seed)
         self.tokenizer = Tokenizer.from_dir(self.source.model_dir)
         self.stop_token_ids = read_stop_token_ids(self.source.model_dir, self.source.config, self.tokenizer)
-        kv_cache = KVCache(self.model.kv_cache_token_shapes(), r.num_kv_blocks, config.block_size, r.dtype, r.device)
-        self.runner = Runner(self.model, kv_cache, r.device)
+        # One block beyond the sequences' share: the scratch block that CUDA-graph padding rows write to.
+        kv_cache = KVCache(self.model.kv_cache_token_shapes(), r.num_kv_blocks + 1, config.block_size, r.dtype, r.device)
+        self.runner = Runner(
+            self.model, kv_cache, r.device,
+            max_batch=config.max_num_seqs,
+            max_blocks_per_seq=-(-r.max_model_len // config.block_size),
+            scratch_block=r.num_kv_blocks,
+            cuda_graphs=config.cuda_graphs,
+        )
         self.blocks = BlockManager(r.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(self.stop_token_ids)

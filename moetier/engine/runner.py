@@ -1,18 +1,43 @@
-"""Runner: owns the device, the model and the KV cache; turns a schedule into logits."""
+"""Runner: owns the device, the model and the KV cache; turns a schedule into logits.
+
+On CUDA with a GQA model, pure decode steps use the paged-decode kernel and replay CUDA graphs;
+everything else (prefill chunks, mixed steps, CPU) runs the model eagerly.
+"""
 
 import torch
 
-from moetier.engine.batch import ForwardBatch, SeqSlice
+from moetier.engine.batch import DecodeMeta, ForwardBatch, SeqSlice
+from moetier.engine.cuda_graphs import DecodeGraphs
 from moetier.engine.kv_cache import KVCache
 from moetier.engine.scheduler import ScheduledSeq
+from moetier.kernels import paged_decode
 from moetier.models.transformer import CausalLM
 
 
+def _is_decode(scheduled: list[ScheduledSeq]) -> bool:
+    return all(item.num_new_tokens == 1 and item.samples for item in scheduled)
+
+
 class Runner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device):
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: KVCache,
+        device: torch.device,
+        max_batch: int,
+        max_blocks_per_seq: int,
+        scratch_block: int,
+        cuda_graphs: bool,
+    ):
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
+        self.decode_kernel = (
+            device.type == "cuda" and model.spec.attention.kind == "gqa" and paged_decode.triton is not None
+        )
+        self.graphs = None
+        if cuda_graphs and self.decode_kernel:
+            self.graphs = DecodeGraphs(model, kv_cache, max_batch, max_blocks_per_seq, scratch_block)
 
     def prepare(self, scheduled: list[ScheduledSeq], all_logits: bool = False) -> ForwardBatch:
         block_size = self.kv_cache.block_size
@@ -31,14 +56,25 @@ class Runner:
             block_table = torch.tensor(seq.block_ids, dtype=torch.int64, device=self.device)
             slices.append(SeqSlice(q_start, item.num_new_tokens, start + item.num_new_tokens, block_table))
         as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=self.device)  # noqa: E731
+        decode = None
+        if self.decode_kernel and not all_logits and _is_decode(scheduled):
+            width = max(len(item.seq.block_ids) for item in scheduled)
+            tables = [item.seq.block_ids + [0] * (width - len(item.seq.block_ids)) for item in scheduled]
+            decode = DecodeMeta(
+                torch.tensor(tables, dtype=torch.int32, device=self.device),
+                torch.tensor([s.ctx_len for s in slices], dtype=torch.int32, device=self.device),
+            )
         return ForwardBatch(
             input_ids_T=as_tensor(input_ids),
             positions_T=as_tensor(positions),
             slot_mapping_T=as_tensor(slots),
             seqs=tuple(slices),
             logits_indices=as_tensor(logits_rows),
+            decode=decode,
         )
 
     def run(self, scheduled: list[ScheduledSeq], all_logits: bool = False) -> torch.Tensor:
         """Logits [rows, vocab] in fp32: one row per sampling sequence, or every row if all_logits."""
+        if self.graphs is not None and not all_logits and _is_decode(scheduled) and len(scheduled) <= self.graphs.max_batch:
+            return self.graphs.run(scheduled)
         return self.model(self.prepare(scheduled, all_logits), self.kv_cache.layers)

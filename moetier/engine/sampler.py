@@ -46,6 +46,11 @@ class Sampler:
             self.generators[seq.request_id] = torch.Generator(device=device).manual_seed(seq.params.seed)
         return self.generators[seq.request_id]
 
+    @staticmethod
+    def _plain_greedy(seq: Sequence) -> bool:
+        params = seq.params
+        return params.greedy and params.repetition_penalty == 1.0 and len(seq.output_ids) >= params.min_tokens
+
     def process(self, logits_V: torch.Tensor, seq: Sequence) -> torch.Tensor:
         params = seq.params
         if params.repetition_penalty != 1.0:
@@ -58,6 +63,8 @@ class Sampler:
         return logits_V
 
     def sample(self, logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        if all(self._plain_greedy(seq) for seq in seqs):
+            return torch.argmax(logits_BV, dim=-1).tolist()  # one host sync for the whole batch
         tokens = []
         for logits_V, seq in zip(logits_BV, seqs):
             params = seq.params

@@ -8,6 +8,7 @@ Shapes: T flat tokens, H query heads, K kv heads, D head dim.
 import torch
 
 from moetier.engine.batch import ForwardBatch
+from moetier.kernels import paged_decode
 from moetier.models import paged_attention
 from moetier.models.norm import RMSNorm
 from moetier.models.rope import Rotary
@@ -56,10 +57,16 @@ class GQAAttention(torch.nn.Module):
         paged_attention.write_kv(k_cache, batch.slot_mapping_T, k_TKD)
         paged_attention.write_kv(v_cache, batch.slot_mapping_T, v_TKD)
         sinks_H = self.sinks if spec.sinks else None
+        if batch.decode is not None:
+            out_THD = paged_decode.paged_decode(
+                q_THD, k_cache, v_cache, batch.decode.block_tables_BM, batch.decode.ctx_lens_B,
+                spec.softmax_scale, self.sliding_window, sinks_H,
+            )
+            return self.o_proj(out_THD.flatten(1))
         out_THD = torch.empty_like(q_THD)
         for seq in batch.seqs:
             rows = slice(seq.q_start, seq.q_start + seq.q_len)
-            mask_LC = paged_attention.causal_mask(seq.q_len, seq.ctx_len, self.sliding_window, x_TD.device)
+            mask_LC = paged_attention.sequence_mask(seq.q_len, seq.ctx_len, self.sliding_window, x_TD.device)
             out_THD[rows] = paged_attention.attend(
                 q_THD[rows],
                 paged_attention.gather_kv(k_cache, seq),

@@ -1,6 +1,7 @@
 """Local dispatch/combine: group token-expert assignments by expert, then sum back per token.
 
-Legend: T tokens, K experts per token, A = T*K assignments, D hidden.
+Legend: T tokens, K experts per token, A = T*K assignments, D hidden, S expert slots.
+Everything stays on the device (no host sync), so a dispatch can run inside a CUDA graph.
 The combine sums each token's K expert outputs in the fixed k order, so any executor that
 computes the same per-expert outputs (resident or offloaded) gets bitwise identical results.
 """
@@ -15,24 +16,23 @@ from moetier.moe.router import Routing
 @dataclass(frozen=True)
 class Dispatch:
     order_A: torch.Tensor  # assignment index (t*K + k) of each row of x_sorted_AD
-    x_sorted_AD: torch.Tensor  # token rows grouped by expert, experts ascending
-    expert_counts: tuple[int, ...]  # rows per expert id (host ints: one sync per layer)
-
-    def segments(self):
-        """(expert id, row slice) for every expert that received tokens."""
-        start = 0
-        for expert, count in enumerate(self.expert_counts):
-            if count:
-                yield expert, slice(start, start + count)
-                start += count
+    slots_sorted_A: torch.Tensor  # slot of each sorted row (ascending)
+    x_sorted_AD: torch.Tensor  # token rows grouped by slot
+    counts_S: torch.Tensor  # rows per slot (int32)
+    ends_S: torch.Tensor  # cumulative row ends per slot (int32): the grouped GEMM's offsets
 
 
-def dispatch(x_TD: torch.Tensor, routing: Routing, num_experts: int) -> Dispatch:
+def dispatch(x_TD: torch.Tensor, routing: Routing, num_slots: int, slot_of_expert_E: torch.Tensor | None = None) -> Dispatch:
+    """Groups assignments by the slot holding their expert (slot == expert when resident)."""
     top_k = routing.topk_ids_TK.shape[1]
-    flat_ids_A = routing.topk_ids_TK.reshape(-1)
-    order_A = torch.argsort(flat_ids_A, stable=True)
-    counts = torch.bincount(flat_ids_A, minlength=num_experts).tolist()
-    return Dispatch(order_A, x_TD[order_A // top_k], tuple(counts))
+    slots_A = routing.topk_ids_TK.reshape(-1)
+    if slot_of_expert_E is not None:
+        slots_A = slot_of_expert_E[slots_A]
+    slots_sorted_A, order_A = torch.sort(slots_A, stable=True)
+    counts_S = torch.zeros(num_slots, dtype=torch.int32, device=x_TD.device)
+    counts_S.index_add_(0, slots_A, torch.ones_like(slots_A, dtype=torch.int32))
+    ends_S = torch.cumsum(counts_S, dim=0, dtype=torch.int32)
+    return Dispatch(order_A, slots_sorted_A, x_TD[order_A // top_k], counts_S, ends_S)
 
 
 def combine(out_sorted_AD: torch.Tensor, plan: Dispatch, routing: Routing) -> torch.Tensor:

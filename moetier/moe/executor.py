@@ -10,7 +10,8 @@ import torch
 
 from moetier.models.spec import ModelSpec
 from moetier.moe.dispatch import combine, dispatch
-from moetier.moe.experts import ExpertBank, ExpertLayout, expert_mlp
+from moetier.moe.experts import ExpertBank, ExpertLayout
+from moetier.moe.grouped import grouped_experts, grouped_mm_supported, looped_experts
 from moetier.moe.router import Routing
 
 
@@ -23,11 +24,9 @@ class ResidentExecutor:
         self.spec = model_spec.moe
         layout = ExpertLayout(model_spec.hidden_size, self.spec.intermediate_size, dtype, self.spec.expert_bias)
         self.banks = {layer: ExpertBank(self.spec.num_experts, layout, device) for layer in model_spec.moe_layer_ids}
+        self.kernel = grouped_experts if grouped_mm_supported(dtype, torch.device(device)) else looped_experts
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         bank = self.banks[layer]
-        plan = dispatch(x_TD, routing, self.spec.num_experts)
-        out_sorted_AD = torch.empty_like(plan.x_sorted_AD)
-        for expert, rows in plan.segments():
-            out_sorted_AD[rows] = expert_mlp(plan.x_sorted_AD[rows], bank, expert, self.spec)
-        return combine(out_sorted_AD, plan, routing)
+        plan = dispatch(x_TD, routing, bank.num_slots)
+        return combine(self.kernel(plan, bank, self.spec), plan, routing)

@@ -1,4 +1,4 @@
-"""Packed expert storage and the one expert kernel.
+"""Packed expert storage: one contiguous run of bytes per expert, S of them in a bank.
 
 Each expert is one contiguous run of bytes (gate_up, down, optional biases), so moving an expert
 between tiers is a single copy. An ExpertBank is S such slots in one raw byte buffer with typed
@@ -9,9 +9,7 @@ Legend: S slots, N tokens routed to one expert, D hidden, F expert intermediate 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from moetier.models.spec import MoESpec
 
 _ALIGN_BYTES = 256
 
@@ -67,19 +65,3 @@ class ExpertBank:
     @property
     def num_slots(self) -> int:
         return self.bytes_SB.shape[0]
-
-
-def expert_mlp(x_ND: torch.Tensor, bank: ExpertBank, slot: int, spec: MoESpec) -> torch.Tensor:
-    """One expert's gated MLP on the N tokens routed to it (the reference kernel)."""
-    parts = bank.parts
-    gate_up_bias = parts["gate_up_bias"][slot] if spec.expert_bias else None
-    down_bias = parts["down_bias"][slot] if spec.expert_bias else None
-    gate_up_N2F = F.linear(x_ND, parts["gate_up"][slot], gate_up_bias)
-    gate_NF, up_NF = gate_up_N2F.chunk(2, dim=-1)
-    if spec.activation == "silu":
-        act_NF = F.silu(gate_NF) * up_NF
-    else:  # GPT-OSS: clamped gate and up, sigmoid-weighted gate, (up + 1)
-        gate_NF = gate_NF.clamp(max=spec.swiglu_limit)
-        up_NF = up_NF.clamp(-spec.swiglu_limit, spec.swiglu_limit)
-        act_NF = (up_NF + 1) * (gate_NF * torch.sigmoid(gate_NF * spec.swiglu_alpha))
-    return F.linear(act_NF, parts["down"][slot], down_bias)

@@ -1,0 +1,87 @@
+"""CUDA graphs for decode: one captured forward per batch-size bucket, replayed each step.
+
+The graphs read static input buffers (token ids, positions, KV slots, block tables, context
+lengths); a step copies its inputs in and replays the smallest bucket that holds the batch.
+Padding rows point at a scratch KV block, so they never touch a real sequence's cache.
+"""
+
+import torch
+
+from moetier.engine.batch import DecodeMeta, ForwardBatch
+from moetier.engine.kv_cache import KVCache
+from moetier.engine.scheduler import ScheduledSeq
+from moetier.models.transformer import CausalLM
+
+_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model: CausalLM, kv_cache: KVCache, max_batch: int, max_blocks_per_seq: int, scratch_block: int):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.scratch_block = scratch_block
+        self.buckets = sorted({b for b in _BUCKETS if b < max_batch} | {max_batch})
+        device = kv_cache.layers[0][0].device
+        block_size = kv_cache.block_size
+        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.slots = torch.full((max_batch,), scratch_block * block_size, dtype=torch.int64, device=device)
+        self.tables = torch.full((max_batch, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
+        self.ctx_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self._capture(device)
+
+    def _batch(self, size: int) -> ForwardBatch:
+        return ForwardBatch(
+            input_ids_T=self.input_ids[:size],
+            positions_T=self.positions[:size],
+            slot_mapping_T=self.slots[:size],
+            seqs=(),
+            logits_indices=torch.arange(size, device=self.input_ids.device),
+            decode=DecodeMeta(self.tables[:size], self.ctx_lens[:size]),
+        )
+
+    def _capture(self, device: torch.device) -> None:
+        pool = None
+        for size in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
+            batch = self._batch(size)
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self.model(batch, self.kv_cache.layers)  # warm-up: kernels compiled, caches filled
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[size] = self.model(batch, self.kv_cache.layers)
+            pool = graph.pool()
+            self.graphs[size] = graph
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        n = len(scheduled)
+        size = next(b for b in self.buckets if b >= n)
+        block_size = self.kv_cache.block_size
+        width = self.tables.shape[1]
+        ids, positions, slots = [], [], []
+        tables = torch.full((size, width), self.scratch_block, dtype=torch.int32)
+        ctx = torch.ones(size, dtype=torch.int32)
+        for row, item in enumerate(scheduled):
+            seq = item.seq
+            pos = seq.num_computed
+            ids.append(seq.all_ids[pos])
+            positions.append(pos)
+            slots.append(seq.block_ids[pos // block_size] * block_size + pos % block_size)
+            tables[row, : len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
+            ctx[row] = pos + 1
+        pad = size - n
+        self.input_ids[:size].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slots[:size].copy_(torch.tensor(slots + [self.scratch_block * block_size] * pad), non_blocking=True)
+        self.tables[:size].copy_(tables, non_blocking=True)
+        self.ctx_lens[:size].copy_(ctx, non_blocking=True)
+        self.graphs[size].replay()
+        return self.logits[size][:n]

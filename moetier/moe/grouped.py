@@ -1,0 +1,59 @@
+"""The expert kernel: a grouped GEMM over all slots of a bank (torch's grouped_mm), sync-free.
+
+Legend: A sorted assignments, D hidden, F expert intermediate, S slots.
+Where grouped_mm cannot run (CUDA below sm80, or a dtype it lacks there), a per-slot loop over
+the same packed weights computes the same function; it reads the counts on the host.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from moetier.models.spec import MoESpec
+from moetier.moe.dispatch import Dispatch
+from moetier.moe.experts import ExpertBank
+
+
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _activation(gate_up_A2F: torch.Tensor, spec: MoESpec) -> torch.Tensor:
+    gate_AF, up_AF = gate_up_A2F.chunk(2, dim=-1)
+    if spec.activation == "silu":
+        return F.silu(gate_AF) * up_AF
+    # GPT-OSS: clamped gate and up, sigmoid-weighted gate, (up + 1)
+    gate_AF = gate_AF.clamp(max=spec.swiglu_limit)
+    up_AF = up_AF.clamp(-spec.swiglu_limit, spec.swiglu_limit)
+    return (up_AF + 1) * (gate_AF * torch.sigmoid(gate_AF * spec.swiglu_alpha))
+
+
+def grouped_experts(plan: Dispatch, bank: ExpertBank, spec: MoESpec) -> torch.Tensor:
+    """Every sorted row through its slot's gated MLP: [A, D] -> [A, D]."""
+    parts = bank.parts
+    x_AD = plan.x_sorted_AD
+    gate_up_A2F = F.grouped_mm(x_AD, parts["gate_up"].transpose(-2, -1), offs=plan.ends_S)
+    if spec.expert_bias:
+        gate_up_A2F = gate_up_A2F + parts["gate_up_bias"][plan.slots_sorted_A]
+    out_AD = F.grouped_mm(_activation(gate_up_A2F, spec), parts["down"].transpose(-2, -1), offs=plan.ends_S)
+    if spec.expert_bias:
+        out_AD = out_AD + parts["down_bias"][plan.slots_sorted_A]
+    return out_AD
+
+
+def looped_experts(plan: Dispatch, bank: ExpertBank, spec: MoESpec) -> torch.Tensor:
+    """Same function, one slot at a time (host reads the counts)."""
+    parts = bank.parts
+    out_AD = torch.empty_like(plan.x_sorted_AD)
+    start = 0
+    for slot, count in enumerate(plan.counts_S.tolist()):
+        if not count:
+            continue
+        rows = slice(start, start + count)
+        bias = parts["gate_up_bias"][slot] if spec.expert_bias else None
+        act_NF = _activation(F.linear(plan.x_sorted_AD[rows], parts["gate_up"][slot], bias), spec)
+        bias = parts["down_bias"][slot] if spec.expert_bias else None
+        out_AD[rows] = F.linear(act_NF, parts["down"][slot], bias)
+        start += count
+    return out_AD

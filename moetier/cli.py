@@ -1,4 +1,4 @@
-"""moetier command line: generate | chat | eval-ppl.
+"""moetier command line: generate | chat | serve | eval-ppl.
 
 Every user mistake surfaces as one line on stderr and exit code 2, never a traceback.
 """
@@ -52,6 +52,22 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the text to continue")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     sub.add_parser("chat", parents=parents, help="interactive chat with the model's chat template")
+    srv = sub.add_parser("serve", parents=[_engine_flags()], help="OpenAI-compatible HTTP server "
+                         "(/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    srv.add_argument("--served-model-name", help="the model name clients send (default: --model, "
+                     "or the checkpoint directory's name)")
+    srv.add_argument("--max-queue", type=int, default=256, help="sequences that may wait beyond the "
+                     "--max-num-seqs running ones; more are answered with HTTP 429")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds that requests in flight "
+                     "get to finish after SIGINT/SIGTERM before they are cancelled")
+    bench = sub.add_parser("bench", parents=[_engine_flags()], help="prefill/decode throughput and roofline, as JSON")
+    bench.add_argument("--batch-sizes", default="1,8,64", help="decode batch sizes, comma-separated")
+    bench.add_argument("--prompt-len", type=int, default=512, help="prompt tokens of each decode request")
+    bench.add_argument("--output-len", type=int, default=128, help="new tokens of each decode request")
+    bench.add_argument("--prefill-lens", default="512,2048", help="single-prompt prefill lengths, comma-separated")
+    sub.add_parser("calibrate", help="measure copy and memory bandwidths of this machine; saves a profile")
     ppl = sub.add_parser("eval-ppl", parents=[_engine_flags()], help="sliding-window perplexity on a text")
     ppl.add_argument("--text", help="a UTF-8 text file (default: the held-out split of the corpus recipe, "
                      "rebuilt from this Python's standard library)")
@@ -127,6 +143,60 @@ def _chat(args) -> None:
         history.append({"role": "assistant", "content": output.text})
 
 
+def _serve(args) -> None:
+    from moetier.config import EngineConfig
+    from moetier.engine.engine import Engine
+
+    try:
+        from moetier.serve.app import serve
+    except ImportError as e:
+        raise MoetierError(f"serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from None
+    if not 0 <= args.port <= 65535:
+        raise MoetierError("--port must be in [0, 65535]")
+    if args.max_queue < 0:
+        raise MoetierError("--max-queue must be >= 0")
+    engine = Engine(EngineConfig(model=args.model, **_engine_options(args)))
+    name = args.served_model_name or args.model or engine.source.model_dir.name
+    serve(engine, name, args.host, args.port, args.max_queue, args.shutdown_timeout, access_log=args.verbose)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise MoetierError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _bench(args) -> None:
+    import json
+    import time
+
+    from moetier.bench import run_bench
+    from moetier.llm import LLM
+    from moetier.offload.calibrate import load_or_calibrate
+
+    batch_sizes, prefill_lens = _int_list(args.batch_sizes), _int_list(args.prefill_lens)
+    options = _engine_options(args)
+    options["max_num_seqs"] = max(batch_sizes)
+    options["max_model_len"] = args.max_model_len or max(prefill_lens + [args.prompt_len]) + args.output_len + 1
+    options["max_num_batched_tokens"] = max(args.max_num_batched_tokens, *prefill_lens)
+    start = time.perf_counter()
+    llm = LLM(args.model, **options)
+    load_seconds = time.perf_counter() - start
+    bandwidth = load_or_calibrate().get("device_copy_gbps") if llm.engine.resolved.device.type == "cuda" else None
+    report = run_bench(llm, batch_sizes, args.prompt_len, args.output_len, prefill_lens, bandwidth, load_seconds)
+    print(json.dumps(report, indent=1))
+
+
+def _calibrate(args) -> None:
+    import json
+
+    from moetier.offload.calibrate import calibrate, profile_path, save
+
+    print(json.dumps(save(calibrate()), indent=1))
+    print(f"saved to {profile_path()}", file=sys.stderr)
+
+
 def _eval_ppl(args) -> None:
     import hashlib
     import json
@@ -165,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        {"generate": _generate, "chat": _chat, "eval-ppl": _eval_ppl}[args.command](args)
+        {"generate": _generate, "chat": _chat, "serve": _serve, "eval-ppl": _eval_ppl, "bench": _bench, "calibrate": _calibrate}[args.command](args)
     except MoetierError as e:
         print(f"moetier: error: {e}", file=sys.stderr)
         return 2

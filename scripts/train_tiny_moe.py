@@ -14,8 +14,9 @@ Recipe:
   layers); fp32 master weights, bf16 autocast, experts computed in bf16 grouped
   GEMMs on CUDA.
 - Optimizer: AdamW (betas 0.9/0.95, weight decay on matrices), linear warmup then cosine decay to
-  10% of the peak; progress = max(step / steps_for_epochs, train_seconds / time_budget), so the
-  schedule ends at whichever of the epoch count or the wall-clock budget comes first.
+  10% of the peak; progress = max(step / steps_for_epochs, seconds / time_budget) (seconds since
+  the first step, periodic evaluations included), so the schedule ends at whichever of the epoch
+  count or the wall-clock budget comes first.
 - Batches: random windows of seq_len + 1 tokens from the training stream.
 - Periodic evaluations (loss curve only): the first --probe-tokens of the validation and held-out
   streams in non-overlapping windows.
@@ -29,6 +30,7 @@ Recipe:
 
     python scripts/train_tiny_moe.py --out /tmp/tiny-moe                    # one run
     python scripts/train_tiny_moe.py --out /tmp/tiny-moe --epochs 6,12,24   # variants, best kept
+    python scripts/train_tiny_moe.py --plot /tmp/tiny-moe/stats.json --out loss_curve.png
 """
 
 from __future__ import annotations
@@ -242,7 +244,11 @@ def expert_load(counts_LE: np.ndarray) -> dict:
 
 def continuation_prompts(heldout_text: str, n: int = 3, context_chars: int = 300) -> list[str]:
     """From documents at 1/6, 3/6, 5/6 of the held-out list: the first `def` line after the
-    document's middle (or the middle line), with up to `context_chars` of preceding lines."""
+    document's middle (or the middle line), with up to `context_chars` of preceding lines.
+
+    The prompt stops before that line's newline: byte-level BPE merges a newline with the next
+    line's indentation, so a prompt ending in a bare newline would mostly be followed by an
+    unindented line or the end of the file."""
     docs = heldout_text.split("<|endoftext|>")
     prompts = []
     for k in range(n):
@@ -251,7 +257,8 @@ def continuation_prompts(heldout_text: str, n: int = 3, context_chars: int = 300
         hits = [doc.find(pat, mid) for pat in ("\ndef ", "\n    def ")]
         hits = [h + 1 for h in hits if h >= 0]
         start = min(hits) if hits else mid
-        end = doc.find("\n", start) + 1 or len(doc)
+        end = doc.find("\n", start)
+        end = len(doc) if end < 0 else end  # the def line without its newline
         begin = doc.find("\n", max(0, start - context_chars)) + 1 if start > context_chars else 0
         prompts.append(doc[begin:end])
     return prompts
@@ -533,6 +540,31 @@ def child_argv(args, epochs: float, out: Path) -> list[str]:
     return argv + ["--epochs", f"{epochs:g}", "--out", str(out)]
 
 
+def plot_loss_curve(stats_path: Path, png: Path) -> None:
+    """The model card's figure from a stats.json (needs matplotlib; run it on the CPU machine)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = json.loads(stats_path.read_text())
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    hist = stats["history"]
+    ax1.plot([h["epoch"] for h in hist], [h["loss"] for h in hist], lw=1, label="train (LM loss)")
+    for key, name in (("val_loss", "validation"), ("heldout_loss", "held-out")):
+        ax1.plot([e["epoch"] for e in stats["evals"]], [e[key] for e in stats["evals"]], "o-", ms=3, label=name)
+    ax1.set(xlabel="epoch", ylabel="cross-entropy (nats/token)", ylim=(1.5, 7),
+            title=f"selected run: {stats['steps']} steps, {stats['tokens_seen'] / 1e6:.1f}M tokens")
+    ax1.legend()
+    for v in stats.get("variants", []):
+        ax2.plot([e["epoch"] for e in v["evals"]], [e["val_loss"] for e in v["evals"]], "o-", ms=2,
+                 label=f"{v['epochs']:g}-epoch schedule" + (" (kept)" if v["epochs"] == stats["selected_epochs"] else ""))
+    ax2.set(xlabel="epoch", ylabel="validation loss (probe)", ylim=(2.3, 6), title="variants: same init, schedule length")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path, default=REPO / ".corpus")
@@ -560,11 +592,14 @@ def parse_args():
     p.add_argument("--experts-impl", default="auto", help="auto | bf16_grouped_mm | grouped_mm | eager")
     p.add_argument("--max-shard-size", default="14MB")
     p.add_argument("--cpu", action="store_true")
+    p.add_argument("--plot", type=Path, help="only draw the loss curve of this stats.json into --out (a .png)")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.plot:
+        return plot_loss_curve(args.plot, args.out)
     epochs = [float(e) for e in args.epochs.split(",")]
     if len(epochs) > 1:
         run_variants(args, epochs)

@@ -28,3 +28,60 @@ def test_cuda_bf16_batched_generation(tmp_path):
     outputs = llm.generate([[5, 6, 7], list(range(10, 40))], SamplingParams(max_tokens=16, ignore_eos=True))
     assert [len(o.token_ids) for o in outputs] == [16, 16]
     assert llm.engine.executor.banks[0].bytes_SB.is_cuda
+
+
+@pytest.mark.parametrize("dtype,window,sinks", [(torch.float32, None, False), (torch.bfloat16, None, False), (torch.float32, 7, True)])
+def test_paged_decode_kernel_matches_reference(dtype, window, sinks):
+    from moetier.kernels.paged_decode import paged_decode
+    from moetier.models.paged_attention import attend, causal_mask
+
+    torch.manual_seed(0)
+    heads, kv_heads, dim, block_size, blocks = 16, 4, 128, 16, 64
+    k_cache = torch.randn(blocks, block_size, kv_heads, dim, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    ctx = [1, 15, 16, 17, 200, 511]
+    tables = torch.stack([torch.randperm(blocks, device="cuda")[:32] for _ in ctx]).to(torch.int32)
+    q = torch.randn(len(ctx), heads, dim, device="cuda", dtype=dtype)
+    sinks_H = torch.randn(heads, device="cuda") if sinks else None
+    out = paged_decode(q, k_cache, v_cache, tables, torch.tensor(ctx, device="cuda", dtype=torch.int32),
+                       dim**-0.5, window, sinks_H)
+    for b, n in enumerate(ctx):
+        keys = k_cache[tables[b].long()].flatten(0, 1)[:n]
+        values = v_cache[tables[b].long()].flatten(0, 1)[:n]
+        ref = attend(q[b : b + 1].float(), keys.float(), values.float(), causal_mask(1, n, window, "cuda"),
+                     dim**-0.5, sinks_H)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out[b].float(), ref[0], rtol=tol, atol=tol)
+
+
+def test_grouped_experts_match_looped_on_cuda():
+    from moetier.models.spec import MoESpec, RouterSpec
+    from moetier.moe.dispatch import combine, dispatch
+    from moetier.moe.experts import ExpertBank, ExpertLayout
+    from moetier.moe.grouped import grouped_experts, looped_experts
+    from moetier.moe.router import Routing
+
+    torch.manual_seed(0)
+    spec = MoESpec(RouterSpec(64, 8), 256)
+    bank = ExpertBank(64, ExpertLayout(512, 256, torch.bfloat16, False), "cuda")
+    for tensor in bank.parts.values():
+        tensor.normal_(0, 0.05)
+    for tokens in (1, 7, 300):
+        x_TD = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
+        routing = Routing(torch.rand(tokens, 64, device="cuda").topk(8).indices, torch.rand(tokens, 8, device="cuda"))
+        plan = dispatch(x_TD, routing, 64)
+        grouped = combine(grouped_experts(plan, bank, spec), plan, routing)
+        looped = combine(looped_experts(plan, bank, spec), plan, routing)
+        torch.testing.assert_close(grouped.float(), looped.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_decode_equals_eager(dtype, tmp_path):
+    make_checkpoint("qwen3_moe", tmp_path)
+    prompts = [[5, 6, 7], list(range(10, 40)), list(range(50, 55))]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    graphed = LLM(str(tmp_path), dtype=dtype, device="cuda", max_model_len=128, max_num_seqs=4)
+    eager = LLM(str(tmp_path), dtype=dtype, device="cuda", max_model_len=128, max_num_seqs=4, cuda_graphs=False)
+    assert graphed.engine.runner.graphs is not None
+    with_graphs, without = graphed.generate(prompts, params), eager.generate(prompts, params)
+    assert [o.token_ids for o in with_graphs] == [o.token_ids for o in without]

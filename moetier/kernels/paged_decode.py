@@ -8,6 +8,8 @@ Legend: B sequences, H query heads, K kv heads, G = H / K, D head dim, N cache b
 
 import torch
 
+from moetier.kernels.fuse import fused
+
 try:
     import triton
     import triton.language as tl
@@ -26,7 +28,7 @@ if triton is not None:
         stride_tb,
         scale, window,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -57,7 +59,7 @@ if triton is not None:
             kv_mask = valid[:, None] & (d[None, :] < D)
             k = tl.load(k_ptr + block[:, None] * stride_kn + row[:, None] * stride_ks + kv_head * stride_kh + d[None, :],
                         mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -66,7 +68,7 @@ if triton is not None:
             v = tl.load(v_ptr + block[:, None] * stride_vn + row[:, None] * stride_vs + kv_head * stride_vh + d[None, :],
                         mask=kv_mask, other=0.0)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
             m_i = m_new
         row_ids = (b * tl.num_programs(1) * G + heads) * NUM_SPLITS + split
         tl.store(m_ptr + row_ids, m_i, mask=g < G)
@@ -106,10 +108,20 @@ def paged_decode(
         scale, window or 0,
         G=group, G_PAD=max(16, _next_pow2(group)), D=head_dim, D_PAD=max(16, _next_pow2(head_dim)),
         BLOCK_SIZE=block_size, BLOCK_N=max(16, block_size), NUM_SPLITS=num_splits,
+        # fp32 models get exact fp32 products (tl.dot would use TF32); bf16/fp16 use the tensor cores
+        PRECISION="ieee" if q_BHD.dtype == torch.float32 else "tf32",
     )
-    m_BHP = m_R.view(num_seqs, num_heads, num_splits)
-    l_BHP = l_R.view(num_seqs, num_heads, num_splits)
-    acc_BHPD = acc_RD.view(num_seqs, num_heads, num_splits, head_dim)
+    return _merge_splits(
+        m_R.view(num_seqs, num_heads, num_splits),
+        l_R.view(num_seqs, num_heads, num_splits),
+        acc_RD.view(num_seqs, num_heads, num_splits, head_dim),
+        sinks_H,
+    ).to(q_BHD.dtype)
+
+
+@fused
+def _merge_splits(m_BHP, l_BHP, acc_BHPD, sinks_H):
+    """Softmax-merges the per-split partial results; a sink adds to the denominator only."""
     m_max_BH = m_BHP.amax(dim=-1)
     if sinks_H is not None:
         m_max_BH = torch.maximum(m_max_BH, sinks_H.float()[None, :])
@@ -117,5 +129,4 @@ def paged_decode(
     denominator_BH = (l_BHP * weight_BHP).sum(dim=-1)
     if sinks_H is not None:
         denominator_BH = denominator_BH + torch.exp(sinks_H.float()[None, :] - m_max_BH)
-    out_BHD = (acc_BHPD * weight_BHP[..., None]).sum(dim=2) / denominator_BH[..., None]
-    return out_BHD.to(q_BHD.dtype)
+    return (acc_BHPD * weight_BHP[..., None]).sum(dim=2) / denominator_BH[..., None]

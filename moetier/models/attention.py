@@ -50,8 +50,7 @@ class GQAAttention(torch.nn.Module):
         v_TKD = v.unflatten(-1, (spec.num_kv_heads, spec.head_dim))
         if spec.qk_norm == "head":
             q_THD, k_TKD = self.q_norm(q_THD), self.k_norm(k_TKD)
-        cos, sin = self.rotary.cos_sin(batch.positions_T, q_THD.dtype)
-        q_THD, k_TKD = self.rotary.apply(q_THD, cos, sin), self.rotary.apply(k_TKD, cos, sin)
+        q_THD, k_TKD = self.rotary.rotate_qk(q_THD, k_TKD, batch.positions_T)
 
         k_cache, v_cache = kv_cache
         paged_attention.write_kv(k_cache, batch.slot_mapping_T, k_TKD)

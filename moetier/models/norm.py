@@ -1,6 +1,24 @@
-"""RMSNorm computed in fp32, as the HF reference implementations do."""
+"""RMSNorm computed in fp32, as the HF reference implementations do (optionally fused with a residual add)."""
 
 import torch
+
+from moetier.kernels.fuse import fused
+
+
+@fused
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+@fused
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x + residual, rms_norm(x + residual)) in one pass."""
+    total = x + residual
+    total32 = total.float()
+    total32 = total32 * torch.rsqrt(total32.pow(2).mean(-1, keepdim=True) + eps)
+    return total, weight * total32.to(x.dtype)
 
 
 class RMSNorm(torch.nn.Module):
@@ -10,6 +28,7 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return add_rms_norm(x, residual, self.weight, self.eps)

@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from moetier.kernels.fuse import fused
 from moetier.models.spec import RopeSpec
 
 
@@ -35,6 +36,31 @@ def _yarn_inv_freq(spec: RopeSpec, base_inv_freq: torch.Tensor) -> tuple[torch.T
     return inv_freq, attention_factor
 
 
+def _cos_sin(positions_T, inv_freq_R, scaling: float, interleaved: bool, dtype: torch.dtype):
+    freqs_TR = positions_T.float()[:, None] * inv_freq_R[None, :]  # R = rotary_dim / 2
+    emb_T2R = freqs_TR.repeat_interleave(2, dim=-1) if interleaved else torch.cat([freqs_TR, freqs_TR], dim=-1)
+    return (emb_T2R.cos() * scaling).to(dtype), (emb_T2R.sin() * scaling).to(dtype)
+
+
+def _rotate(x_THD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, rotary_dim: int, interleaved: bool):
+    """Rotates the first rotary_dim features of every head; the rest pass through."""
+    rot, rest = x_THD[..., :rotary_dim], x_THD[..., rotary_dim:]
+    if interleaved:
+        pairs = rot.unflatten(-1, (-1, 2))
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    else:
+        half = rot.shape[-1] // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    out = rot * cos_TR[:, None, :] + rotated * sin_TR[:, None, :]
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+@fused
+def _rope_qk(q_THD, k_TKD, positions_T, inv_freq_R, scaling: float, rotary_dim: int, interleaved: bool):
+    cos, sin = _cos_sin(positions_T, inv_freq_R, scaling, interleaved, q_THD.dtype)
+    return _rotate(q_THD, cos, sin, rotary_dim, interleaved), _rotate(k_TKD, cos, sin, rotary_dim, interleaved)
+
+
 class Rotary(torch.nn.Module):
     """Computes cos/sin for arbitrary (ragged, batched) positions and applies them."""
 
@@ -52,27 +78,21 @@ class Rotary(torch.nn.Module):
         self.inv_freq_cpu = inv_freq
         self._inv_freq = {}
 
-    def cos_sin(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        device = positions_T.device
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._inv_freq:
             self._inv_freq[device] = self.inv_freq_cpu.to(device)
-        freqs_TR = positions_T.float()[:, None] * self._inv_freq[device][None, :]  # R = rotary_dim / 2
-        if self.spec.interleaved:
-            emb_T2R = freqs_TR.repeat_interleave(2, dim=-1)
-        else:
-            emb_T2R = torch.cat([freqs_TR, freqs_TR], dim=-1)
-        cos = emb_T2R.cos() * self.attention_scaling
-        sin = emb_T2R.sin() * self.attention_scaling
-        return cos.to(dtype), sin.to(dtype)
+        return self._inv_freq[device]
+
+    def cos_sin(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq_R = self._inv_freq_on(positions_T.device)
+        return _cos_sin(positions_T, inv_freq_R, self.attention_scaling, self.spec.interleaved, dtype)
 
     def apply(self, x_THD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
-        """Rotates the first rotary_dim features of every head; the rest pass through."""
-        rot, rest = x_THD[..., : self.spec.rotary_dim], x_THD[..., self.spec.rotary_dim :]
-        if self.spec.interleaved:
-            pairs = rot.unflatten(-1, (-1, 2))
-            rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-        else:
-            half = rot.shape[-1] // 2
-            rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        out = rot * cos_TR[:, None, :] + rotated * sin_TR[:, None, :]
-        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+        return _rotate(x_THD, cos_TR, sin_TR, self.spec.rotary_dim, self.spec.interleaved)
+
+    def rotate_qk(self, q_THD: torch.Tensor, k_TKD: torch.Tensor, positions_T: torch.Tensor):
+        """Both q and k rotated at their positions, fused into one kernel on the GPU."""
+        inv_freq_R = self._inv_freq_on(positions_T.device)
+        return _rope_qk(
+            q_THD, k_TKD, positions_T, inv_freq_R, self.attention_scaling, self.spec.rotary_dim, self.spec.interleaved
+        )

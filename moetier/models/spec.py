@@ -56,6 +56,7 @@ class RouterSpec:
     group_score: str = "max"  # "max" | "top2_sum"
     bias: bool = False  # linear bias on the router (GPT-OSS)
     correction_bias: bool = False  # e_score_correction_bias added for selection only (DeepSeek-V3)
+    fp32_logits: bool = False  # router GEMM in fp32 (DeepSeek-V3 does); else in the model dtype
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ class DecoderLayer(torch.nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), batch, kv_cache)
-        return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
+        x_TD, h_TD = self.post_attention_layernorm.add_forward(x_TD, self.self_attn(self.input_layernorm(x_TD), batch, kv_cache))
+        return x_TD + self.mlp(h_TD)
 
 
 class Backbone(torch.nn.Module):

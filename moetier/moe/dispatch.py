@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moetier.kernels.fuse import fused
 from moetier.moe.router import Routing
 
 
@@ -24,22 +25,32 @@ class Dispatch:
 
 def dispatch(x_TD: torch.Tensor, routing: Routing, num_slots: int, slot_of_expert_E: torch.Tensor | None = None) -> Dispatch:
     """Groups assignments by the slot holding their expert (slot == expert when resident)."""
-    top_k = routing.topk_ids_TK.shape[1]
-    slots_A = routing.topk_ids_TK.reshape(-1)
+    return Dispatch(*_dispatch(x_TD, routing.topk_ids_TK, num_slots, slot_of_expert_E))
+
+
+@fused
+def _dispatch(x_TD, topk_ids_TK, num_slots: int, slot_of_expert_E):
+    top_k = topk_ids_TK.shape[1]
+    slots_A = topk_ids_TK.reshape(-1)
     if slot_of_expert_E is not None:
         slots_A = slot_of_expert_E[slots_A]
     slots_sorted_A, order_A = torch.sort(slots_A, stable=True)
     counts_S = torch.zeros(num_slots, dtype=torch.int32, device=x_TD.device)
     counts_S.index_add_(0, slots_A, torch.ones_like(slots_A, dtype=torch.int32))
     ends_S = torch.cumsum(counts_S, dim=0, dtype=torch.int32)
-    return Dispatch(order_A, slots_sorted_A, x_TD[order_A // top_k], counts_S, ends_S)
+    return order_A, slots_sorted_A, x_TD[order_A // top_k], counts_S, ends_S
 
 
 def combine(out_sorted_AD: torch.Tensor, plan: Dispatch, routing: Routing) -> torch.Tensor:
-    num_tokens, top_k = routing.topk_ids_TK.shape
+    return _combine(out_sorted_AD, plan.order_A, routing.topk_weights_TK)
+
+
+@fused
+def _combine(out_sorted_AD, order_A, topk_weights_TK):
+    num_tokens, top_k = topk_weights_TK.shape
     out_AD = torch.empty_like(out_sorted_AD)
-    out_AD[plan.order_A] = out_sorted_AD
-    out_TKD = out_AD.view(num_tokens, top_k, -1) * routing.topk_weights_TK[:, :, None].to(out_AD.dtype)
+    out_AD[order_A] = out_sorted_AD
+    out_TKD = out_AD.view(num_tokens, top_k, -1) * topk_weights_TK[:, :, None].to(out_AD.dtype)
     y_TD = out_TKD[:, 0]
     for k in range(1, top_k):
         y_TD = y_TD + out_TKD[:, k]

@@ -1,24 +1,25 @@
 """The expert kernel: a grouped GEMM over all slots of a bank (torch's grouped_mm), sync-free.
 
 Legend: A sorted assignments, D hidden, F expert intermediate, S slots.
-Where grouped_mm cannot run (CUDA below sm80, or a dtype it lacks there), a per-slot loop over
-the same packed weights computes the same function; it reads the counts on the host.
+Where grouped_mm cannot run (CUDA below sm80, or a dtype it lacks there) and on the CPU (where
+torch's grouped_mm has a large fixed cost per call), a per-slot loop over the same packed
+weights computes the same function; it reads the counts on the host.
 """
 
 import torch
 import torch.nn.functional as F
 
+from moetier.kernels.fuse import fused
 from moetier.models.spec import MoESpec
 from moetier.moe.dispatch import Dispatch
 from moetier.moe.experts import ExpertBank
 
 
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    if device.type == "cpu":
-        return True
     return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+@fused
 def _activation(gate_up_A2F: torch.Tensor, spec: MoESpec) -> torch.Tensor:
     gate_AF, up_AF = gate_up_A2F.chunk(2, dim=-1)
     if spec.activation == "silu":

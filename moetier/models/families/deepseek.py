@@ -75,7 +75,7 @@ def _router(cfg: dict, version: int) -> RouterSpec:
             raise CheckpointError(f"unsupported DeepSeek-V3 routing {scoring}/{method} (supported: sigmoid/noaux_tc)")
         spec = RouterSpec(num_experts, top_k, scoring="sigmoid", norm_topk=bool(cfg.get("norm_topk_prob", True)),
                           routed_scaling=scaling, num_groups=groups, topk_groups=topk_groups,
-                          group_score="top2_sum", correction_bias=True)
+                          group_score="top2_sum", correction_bias=True, fp32_logits=True)
     if num_experts % spec.num_groups or spec.topk_groups > spec.num_groups:
         raise CheckpointError(f"n_group {groups} must divide n_routed_experts {num_experts} and be >= topk_group")
     if spec.topk_groups * (num_experts // spec.num_groups) < top_k:

@@ -1,0 +1,121 @@
+"""`moetier bench`: prefill and decode throughput, time to first token, peak GPU memory, and the
+fraction of the memory-bandwidth roofline reached, printed as JSON.
+
+Roofline of a decode step at batch b: the bytes it must read once from device memory (every
+non-expert weight, the lm_head, b embedding rows, the experts the batch activates — under
+uniform routing E * (1 - (1 - k/E)^b) per MoE layer — and the batch's KV cache) over the
+device bandwidth measured by `moetier calibrate` (a device-to-device copy). The fraction is that
+ideal step time over the measured one.
+"""
+
+import time
+
+import torch
+
+from moetier.engine.engine import Engine
+from moetier.gpu_memory import process_gpu_bytes
+from moetier.llm import LLM
+from moetier.sampling_params import SamplingParams
+
+
+def expected_active_experts(num_experts: int, top_k: int, batch: int) -> float:
+    return num_experts * (1 - (1 - top_k / num_experts) ** batch)
+
+
+def decode_step_bytes(engine: Engine, batch: int, mean_context: float) -> float:
+    spec, model = engine.source.spec, engine.model
+    embed = model.model.embed_tokens.weight
+    dense = sum(p.numel() * p.element_size() for p in model.parameters()) - embed.numel() * embed.element_size()
+    if spec.tie_word_embeddings:
+        dense += embed.numel() * embed.element_size()  # the lm_head reads the whole shared table
+    dense += batch * embed.shape[1] * embed.element_size()
+    experts = 0.0
+    for bank in engine.executor.banks.values():
+        part_bytes = sum(t[0].numel() * t.element_size() for t in bank.parts.values())
+        experts += expected_active_experts(spec.moe.num_experts, spec.moe.top_k, batch) * part_bytes
+    kv_per_token = sum(t.shape[2:].numel() * t.element_size() for layer in engine.runner.kv_cache.layers for t in layer)
+    return dense + experts + batch * mean_context * kv_per_token
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _random_prompts(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=gen).tolist()
+
+
+def measure_prefill(llm: LLM, length: int, repeats: int = 3) -> dict:
+    engine = llm.engine
+    prompt = _random_prompts(engine.source.spec.vocab_size, 1, length, seed=length)
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    llm.generate(prompt, params)  # warm-up: kernels for this shape compiled
+    times = []
+    for _ in range(repeats):
+        _sync(engine.resolved.device)
+        start = time.perf_counter()
+        llm.generate(prompt, params)
+        _sync(engine.resolved.device)
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
+    return {"tokens": length, "ms": round(seconds * 1e3, 2), "tok_s": round(length / seconds, 1)}
+
+
+def measure_decode(llm: LLM, batch: int, prompt_len: int, output_len: int, bandwidth_gbps: float | None) -> dict:
+    engine = llm.engine
+    device = engine.resolved.device
+    prompts = _random_prompts(engine.source.spec.vocab_size, batch, prompt_len, seed=batch)
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up at this batch size
+    for prompt in prompts:
+        engine.add_request(prompt, params)
+    _sync(device)
+    start = time.perf_counter()
+    first_token_at, started = None, 0
+    while engine.has_unfinished():
+        outputs = engine.step()
+        started += sum(1 for o in outputs if len(o.token_ids) == 1)
+        if first_token_at is None and started == batch:
+            _sync(device)
+            first_token_at = time.perf_counter()
+    _sync(device)
+    end = time.perf_counter()
+    steps = output_len - 1
+    step_s = (end - first_token_at) / steps
+    result = {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "output_len": output_len,
+        "tok_s": round(batch / step_s, 1),
+        "step_ms": round(step_s * 1e3, 3),
+        "ttft_ms": round((first_token_at - start) * 1e3, 1),
+    }
+    step_bytes = decode_step_bytes(engine, batch, prompt_len + output_len / 2)
+    result["roofline_bytes_per_step"] = int(step_bytes)
+    if bandwidth_gbps:
+        ideal_s = step_bytes / (bandwidth_gbps * 1e9)
+        result["roofline_tok_s"] = round(batch / ideal_s, 1)
+        result["roofline_fraction"] = round(ideal_s / step_s, 3)
+    return result
+
+
+def run_bench(llm: LLM, batch_sizes: list[int], prompt_len: int, output_len: int, prefill_lens: list[int],
+              bandwidth_gbps: float | None, load_seconds: float) -> dict:
+    engine = llm.engine
+    device = engine.resolved.device
+    report = {
+        "model": str(engine.source.model_dir),
+        "architecture": engine.source.spec.architecture,
+        "dtype": str(engine.resolved.dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "load_s": round(load_seconds, 2),
+        "device_copy_gbps": bandwidth_gbps,
+        "prefill": [measure_prefill(llm, n) for n in prefill_lens],
+        "decode": [measure_decode(llm, b, prompt_len, output_len, bandwidth_gbps) for b in batch_sizes],
+    }
+    if device.type == "cuda":
+        report["peak_gpu_bytes_torch_reserved"] = torch.cuda.max_memory_reserved(device)
+        report["gpu_bytes_nvml_process"] = process_gpu_bytes()
+    return report

@@ -1,0 +1,20 @@
+"""The functions fused by torch.compile on the GPU trace whole (no graph breaks) and compute the same."""
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint
+from moetier import LLM
+from moetier.kernels import fuse
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_fused_functions_trace_fullgraph_and_match_eager(family, tmp_path, monkeypatch):
+    make_checkpoint(family, tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", max_model_len=64)
+    ids = list(range(5, 30))
+    eager = llm.score(ids)
+    monkeypatch.setattr(fuse, "cpu_backend", "aot_eager")
+    torch._dynamo.reset()
+    traced = llm.score(ids)
+    torch.testing.assert_close(traced, eager, rtol=0, atol=1e-5)

@@ -233,7 +233,7 @@ def _eval_ppl(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         {"generate": _generate, "chat": _chat, "serve": _serve, "eval-ppl": _eval_ppl, "bench": _bench, "calibrate": _calibrate}[args.command](args)
     except MoetierError as e:

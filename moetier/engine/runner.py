@@ -1,7 +1,8 @@
 """Runner: owns the device, the model and the KV cache; turns a schedule into logits.
 
-On CUDA with a GQA model, pure decode steps use the paged-decode kernel and replay CUDA graphs;
-everything else (prefill chunks, mixed steps, CPU) runs the model eagerly.
+On CUDA with a GQA model, pure decode steps use the paged-decode kernel, and replay CUDA graphs
+when the expert kernel needs no host sync; everything else (prefill chunks, mixed steps, CPU)
+runs the model eagerly.
 """
 
 import torch
@@ -36,7 +37,7 @@ class Runner:
             device.type == "cuda" and model.spec.attention.kind == "gqa" and paged_decode.triton is not None
         )
         self.graphs = None
-        if cuda_graphs and self.decode_kernel:
+        if cuda_graphs and self.decode_kernel and model.executor.sync_free:
             self.graphs = DecodeGraphs(model, kv_cache, max_batch, max_blocks_per_seq, scratch_block)
 
     def prepare(self, scheduled: list[ScheduledSeq], all_logits: bool = False) -> ForwardBatch:

@@ -16,6 +16,8 @@ from moetier.moe.router import Routing
 
 
 class ExpertExecutor(Protocol):
+    sync_free: bool
+
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor: ...
 
 
@@ -25,6 +27,11 @@ class ResidentExecutor:
         layout = ExpertLayout(model_spec.hidden_size, self.spec.intermediate_size, dtype, self.spec.expert_bias)
         self.banks = {layer: ExpertBank(self.spec.num_experts, layout, device) for layer in model_spec.moe_layer_ids}
         self.kernel = grouped_experts if grouped_mm_supported(dtype, torch.device(device)) else looped_experts
+
+    @property
+    def sync_free(self) -> bool:
+        """True when a step needs no host sync, so it can be captured in a CUDA graph."""
+        return self.kernel is grouped_experts
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         bank = self.banks[layer]

@@ -6,6 +6,8 @@ torch's grouped_mm has a large fixed cost per call), a per-slot loop over the sa
 weights computes the same function; it reads the counts on the host.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -15,8 +17,19 @@ from moetier.moe.dispatch import Dispatch
 from moetier.moe.experts import ExpertBank
 
 
+@functools.cache
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    """Whether torch's grouped_mm runs for this dtype on this GPU (probed once with a tiny problem)."""
+    if device.type != "cuda":
+        return False
+    try:
+        x = torch.ones(4, 16, dtype=dtype, device=device)
+        w = torch.ones(2, 16, 16, dtype=dtype, device=device)
+        F.grouped_mm(x, w, offs=torch.tensor([2, 4], dtype=torch.int32, device=device))
+        torch.cuda.synchronize(device)
+        return True
+    except RuntimeError:
+        return False
 
 
 @fused

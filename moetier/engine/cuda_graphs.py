@@ -28,6 +28,8 @@ class DecodeGraphs:
         self.slots = torch.full((max_batch,), scratch_block * block_size, dtype=torch.int64, device=device)
         self.tables = torch.full((max_batch, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
         self.ctx_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        # Every tensor a graph reads must outlive the capture: a freed one's memory gets reused.
+        self.rows = torch.arange(max_batch, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self._capture(device)
@@ -38,7 +40,7 @@ class DecodeGraphs:
             positions_T=self.positions[:size],
             slot_mapping_T=self.slots[:size],
             seqs=(),
-            logits_indices=torch.arange(size, device=self.input_ids.device),
+            logits_indices=self.rows[:size],
             decode=DecodeMeta(self.tables[:size], self.ctx_lens[:size]),
         )
 

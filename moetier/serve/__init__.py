@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server: `moetier serve` (see app.py)."""

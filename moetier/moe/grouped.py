@@ -19,8 +19,9 @@ from moetier.moe.experts import ExpertBank
 
 @functools.cache
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether torch's grouped_mm runs for this dtype on this GPU (probed once with a tiny problem)."""
-    if device.type != "cuda":
+    """Whether torch's grouped_mm runs on this GPU (probed once with a tiny problem). bf16 only: for
+    other dtypes it falls back to a loop that reads the offsets on the host, which graphs cannot hold."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
         return False
     try:
         x = torch.ones(4, 16, dtype=dtype, device=device)

@@ -87,3 +87,24 @@ def test_cuda_graph_decode_equals_eager(dtype, tmp_path):
     assert (graphed.engine.runner.graphs is not None) == graphed.engine.executor.sync_free
     with_graphs, without = graphed.generate(prompts, params), eager.generate(prompts, params)
     assert [o.token_ids for o in with_graphs] == [o.token_ids for o in without]
+
+
+def test_gemv_experts_match_looped_on_cuda():
+    from moetier.models.spec import MoESpec, RouterSpec
+    from moetier.moe.dispatch import combine, dispatch, weighted_k_sum
+    from moetier.moe.experts import ExpertBank, ExpertLayout
+    from moetier.moe.grouped import gemv_experts, looped_experts
+    from moetier.moe.router import Routing
+
+    torch.manual_seed(0)
+    spec = MoESpec(RouterSpec(64, 8), 384)
+    bank = ExpertBank(64, ExpertLayout(512, 384, torch.bfloat16, False), "cuda")
+    for tensor in bank.parts.values():
+        tensor.normal_(0, 0.05)
+    for tokens in (1, 3):
+        x_TD = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
+        routing = Routing(torch.rand(tokens, 64, device="cuda").topk(8).indices, torch.rand(tokens, 8, device="cuda"))
+        direct = weighted_k_sum(gemv_experts(x_TD, routing.topk_ids_TK.reshape(-1), bank), routing.topk_weights_TK)
+        plan = dispatch(x_TD, routing, 64)
+        looped = combine(looped_experts(plan, bank, spec), plan, routing)
+        torch.testing.assert_close(direct.float(), looped.float(), rtol=2e-2, atol=2e-2)

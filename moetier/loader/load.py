@@ -69,5 +69,6 @@ def load_model(
             load_weights(model, executor, source.family, tensors)
     else:
         raise MoetierError(f"unknown --load-format {load_format!r} (choose auto, safetensors or dummy)")
+    model.fuse_projections()
     log.info("loaded %s (%s, %d layers) as %s on %s", source.model_dir, source.spec.architecture, source.spec.num_layers, dtype, device)
     return model, executor

@@ -6,6 +6,7 @@ Shapes: T flat tokens, H query heads, K kv heads, D head dim.
 """
 
 import torch
+import torch.nn.functional as F
 
 from moetier.engine.batch import ForwardBatch
 from moetier.kernels import paged_decode
@@ -32,6 +33,23 @@ class GQAAttention(torch.nn.Module):
         if spec.sinks:
             self.sinks = torch.nn.Parameter(torch.zeros(h))
         self.rotary = Rotary(spec.rope)
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse_qkv() after loading
+        self.qkv_bias: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Moves q/k/v weights into one matrix (one GEMM per step); the three modules keep views of it."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = torch.cat([p.weight for p in projections])
+        if self.spec.qkv_bias:
+            self.qkv_bias = torch.cat([p.bias for p in projections])
+        start = 0
+        for p in projections:
+            rows = p.weight.shape[0]
+            p.weight.data = self.qkv_weight[start : start + rows]
+            if self.spec.qkv_bias:
+                p.bias.data = self.qkv_bias[start : start + rows]
+            start += rows
 
     def kv_cache_token_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Per cached token: one K and one V entry of [K, D]."""
@@ -40,7 +58,11 @@ class GQAAttention(torch.nn.Module):
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
         spec = self.spec
-        q, k, v = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
+        if self.qkv_weight is not None:
+            sizes = [spec.num_heads * spec.head_dim] + [spec.num_kv_heads * spec.head_dim] * 2
+            q, k, v = F.linear(x_TD, self.qkv_weight, self.qkv_bias).split(sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
         if spec.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if spec.clip_qkv is not None:

@@ -35,9 +35,17 @@ class DecoderLayer(torch.nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        x_TD, h_TD = self.post_attention_layernorm.add_forward(x_TD, self.self_attn(self.input_layernorm(x_TD), batch, kv_cache))
-        return x_TD + self.mlp(h_TD)
+    def forward(
+        self, x_TD: torch.Tensor, residual_TD: torch.Tensor | None, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it); the next layer (or the
+        final norm) adds the two inside its fused norm, saving a kernel per layer."""
+        if residual_TD is None:
+            residual_TD, h_TD = x_TD, self.input_layernorm(x_TD)
+        else:
+            residual_TD, h_TD = self.input_layernorm.add_forward(x_TD, residual_TD)
+        residual_TD, h_TD = self.post_attention_layernorm.add_forward(self.self_attn(h_TD, batch, kv_cache), residual_TD)
+        return self.mlp(h_TD), residual_TD
 
 
 class Backbone(torch.nn.Module):
@@ -62,8 +70,15 @@ class CausalLM(torch.nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """Returns logits [len(batch.logits_indices), vocab] in fp32."""
-        x_TD = self.model.embed_tokens(batch.input_ids_T)
+        x_TD, residual_TD = self.model.embed_tokens(batch.input_ids_T), None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x_TD = layer(x_TD, batch, kv_cache)
-        x_TD = self.model.norm(x_TD[batch.logits_indices])
-        return self.lm_head(x_TD).float()
+            x_TD, residual_TD = layer(x_TD, residual_TD, batch, kv_cache)
+        rows = batch.logits_indices
+        _, h_TD = self.model.norm.add_forward(x_TD[rows], residual_TD[rows])
+        return self.lm_head(h_TD).float()
+
+    def fuse_projections(self) -> None:
+        """After loading: one GEMM for q, k and v where the attention block supports it."""
+        for layer in self.model.layers:
+            if hasattr(layer.self_attn, "fuse_qkv"):
+                layer.self_attn.fuse_qkv()

@@ -47,11 +47,19 @@ def combine(out_sorted_AD: torch.Tensor, plan: Dispatch, routing: Routing) -> to
 
 @fused
 def _combine(out_sorted_AD, order_A, topk_weights_TK):
-    num_tokens, top_k = topk_weights_TK.shape
     out_AD = torch.empty_like(out_sorted_AD)
     out_AD[order_A] = out_sorted_AD
+    return _weighted_k_sum(out_AD, topk_weights_TK)
+
+
+def _weighted_k_sum(out_AD, topk_weights_TK):
+    """Each token's K expert outputs (rows t*K + k), weighted and summed in k order."""
+    num_tokens, top_k = topk_weights_TK.shape
     out_TKD = out_AD.view(num_tokens, top_k, -1) * topk_weights_TK[:, :, None].to(out_AD.dtype)
     y_TD = out_TKD[:, 0]
     for k in range(1, top_k):
         y_TD = y_TD + out_TKD[:, k]
     return y_TD
+
+
+weighted_k_sum = fused(_weighted_k_sum)

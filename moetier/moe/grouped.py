@@ -1,4 +1,5 @@
-"""The expert kernel: a grouped GEMM over all slots of a bank (torch's grouped_mm), sync-free.
+"""The expert kernels: a grouped GEMM over all slots of a bank (torch's grouped_mm), sync-free;
+for decode-sized batches on the GPU, a per-assignment GEMV that needs no dispatch at all.
 
 Legend: A sorted assignments, D hidden, F expert intermediate, S slots.
 Where grouped_mm cannot run (CUDA below sm80, or a dtype it lacks there) and on the CPU (where
@@ -11,6 +12,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from moetier.kernels import expert_gemv
 from moetier.kernels.fuse import fused
 from moetier.models.spec import MoESpec
 from moetier.moe.dispatch import Dispatch
@@ -72,3 +74,18 @@ def looped_experts(plan: Dispatch, bank: ExpertBank, spec: MoESpec) -> torch.Ten
         out_AD[rows] = F.linear(act_NF, parts["down"][slot], bias)
         start += count
     return out_AD
+
+
+# Up to this many tokens, reading each assignment's expert directly beats grouping by expert.
+GEMV_MAX_TOKENS = 4
+
+
+def gemv_supported(spec: MoESpec, device: torch.device) -> bool:
+    return device.type == "cuda" and expert_gemv.triton is not None and spec.activation == "silu" and not spec.expert_bias
+
+
+def gemv_experts(x_TD: torch.Tensor, slots_A: torch.Tensor, bank: ExpertBank) -> torch.Tensor:
+    """Rows t*K + k: the k-th expert of token t applied to it. [T, D] -> [T*K, D]."""
+    top_k = slots_A.shape[0] // x_TD.shape[0]
+    gate_up_A2F = expert_gemv.expert_gemv(x_TD, bank.parts["gate_up"], slots_A, rows_per_input=top_k)
+    return expert_gemv.expert_gemv(gate_up_A2F, bank.parts["down"], slots_A, rows_per_input=1, swiglu=True)

@@ -1,0 +1,63 @@
+"""Decode-sized expert GEMV in Triton: each (token, k) assignment reads its expert's rows directly.
+
+For a handful of tokens, grouping by expert (sort, offsets, grouped GEMM) costs more than it saves:
+each assignment's expert is read once anyway. This kernel needs no dispatch at all: program
+(a, n-block) computes rows n of W[slot[a]] @ x[token[a]], optionally applying the SwiGLU
+activation to a [gate | up] input as it loads it. Accumulation is fp32.
+Legend: A assignments, N output rows, K input features, S slots.
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _expert_gemv_kernel(
+        x_ptr, w_ptr, slot_ptr, out_ptr,
+        stride_x, stride_ws, stride_wn, stride_out,
+        N, K, rows_per_input,
+        SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        a = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        slot = tl.load(slot_ptr + a).to(tl.int64)
+        x_row = x_ptr + (a // rows_per_input).to(tl.int64) * stride_x
+        w_rows = w_ptr + slot * stride_ws + n[:, None].to(tl.int64) * stride_wn
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            if SWIGLU:  # the input row is [gate (K) | up (K)]: act = silu(gate) * up, rounded like torch's
+                gate = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
+                up = tl.load(x_row + K + k, mask=k_ok, other=0.0)
+                silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+                xin = (silu * up).to(tl.float32)
+            else:
+                xin = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + k[None, :], mask=(n[:, None] < N) & k_ok[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * xin[None, :], axis=1)
+        tl.store(out_ptr + a.to(tl.int64) * stride_out + n, acc.to(out_ptr.dtype.element_ty), mask=n < N)
+
+
+def expert_gemv(x_RK: torch.Tensor, w_SNK: torch.Tensor, slots_A: torch.Tensor, rows_per_input: int,
+                swiglu: bool = False) -> torch.Tensor:
+    """out[a] = W[slots[a]] @ input(x[a // rows_per_input]) -> [A, N]; input is silu(gate)*up if swiglu."""
+    num_assignments = slots_A.shape[0]
+    n, k = w_SNK.shape[1], w_SNK.shape[2]
+    assert w_SNK.stride(2) == 1 and x_RK.stride(-1) == 1, "rows must be contiguous"
+    assert x_RK.shape[-1] == (2 * k if swiglu else k)
+    out_AN = torch.empty(num_assignments, n, dtype=x_RK.dtype, device=x_RK.device)
+    block_n = 16
+    _expert_gemv_kernel[(num_assignments, triton.cdiv(n, block_n))](
+        x_RK, w_SNK, slots_A, out_AN,
+        x_RK.stride(0), w_SNK.stride(0), w_SNK.stride(1), out_AN.stride(0),
+        n, k, rows_per_input,
+        SWIGLU=swiglu, BLOCK_N=block_n, BLOCK_K=256,
+    )
+    return out_AN

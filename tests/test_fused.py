@@ -9,7 +9,7 @@ from moetier.kernels import fuse
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
-def test_fused_functions_trace_fullgraph_and_match_eager(family, tmp_path, monkeypatch):
+def test_fused_functions_trace_fullgraph_and_match_eager(family, tmp_path, monkeypatch, caplog):
     make_checkpoint(family, tmp_path)
     llm = LLM(str(tmp_path), dtype="float32", max_model_len=64)
     ids = list(range(5, 30))
@@ -17,4 +17,5 @@ def test_fused_functions_trace_fullgraph_and_match_eager(family, tmp_path, monke
     monkeypatch.setattr(fuse, "cpu_backend", "aot_eager")
     torch._dynamo.reset()
     traced = llm.score(ids)
+    assert "unfused" not in caplog.text  # a graph break would have fallen back to eager
     torch.testing.assert_close(traced, eager, rtol=0, atol=1e-5)

@@ -37,3 +37,11 @@ def assert_greedy_matches(llm: LLM, reference: torch.nn.Module, ids: list[int], 
             assert margin < TIE_MARGIN, f"greedy token {step} differs ({ours} vs {theirs}) with margin {margin}"
             return  # a near-tie: the continuations may legitimately diverge from here
     assert len(output.token_ids) == steps
+
+
+def assert_batched_equals_one_by_one(llm: LLM, prompts: list[list[int]], steps: int = 12) -> None:
+    params = SamplingParams(max_tokens=steps, ignore_eos=True)
+    batched = llm.generate(prompts, params)
+    for ids, out in zip(prompts, batched):
+        [alone] = llm.generate([ids], params)
+        assert out.token_ids == alone.token_ids

@@ -15,6 +15,7 @@ from moetier.models.families.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from moetier.models.mla import MLAAttention
 from moetier.models.spec import RouterSpec
 from moetier.moe.router import Router
+from parity import assert_batched_equals_one_by_one
 
 LOGIT_RTOL = 1e-4
 TIE_MARGIN = 1e-5
@@ -155,11 +156,7 @@ def test_greedy_matches_transformers_generate(pair, form):
 
 def test_batched_generation_equals_one_by_one(pair):
     llm, _ = pair
-    params = SamplingParams(max_tokens=12, ignore_eos=True)
-    batched = llm.generate(PROMPTS, params)
-    for ids, out in zip(PROMPTS, batched):
-        [alone] = llm.generate([ids], params)
-        assert out.token_ids == alone.token_ids
+    assert_batched_equals_one_by_one(llm, PROMPTS)
 
 
 def test_spec_reading():

@@ -22,6 +22,7 @@ from moetier.models.family import ExpertTensor
 from moetier.models.registry import family_for
 from moetier.models.rope import Rotary
 from moetier.quant.mxfp4 import E2M1_VALUES, dequantize_mxfp4, quantize_mxfp4
+from parity import assert_batched_equals_one_by_one
 
 LOGIT_RTOL = 1e-4
 TIE_MARGIN = 1e-5
@@ -145,11 +146,7 @@ def test_greedy_tokens_match_transformers_generate(llm, reference):
 
 
 def test_batched_generation_equals_one_by_one(llm):
-    params = SamplingParams(max_tokens=12, ignore_eos=True)
-    batched = llm.generate(PROMPTS, params)
-    for ids, out in zip(PROMPTS, batched):
-        [alone] = llm.generate([ids], params)
-        assert out.token_ids == alone.token_ids
+    assert_batched_equals_one_by_one(llm, PROMPTS)
 
 
 def test_mxfp4_round_trip_is_exact_on_e2m1_values():

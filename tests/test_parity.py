@@ -4,7 +4,7 @@ import pytest
 
 from checkpoints import FAMILY_CONFIGS, make_checkpoint
 from moetier import LLM, SamplingParams
-from parity import assert_greedy_matches, assert_logits_match
+from parity import assert_batched_equals_one_by_one, assert_greedy_matches, assert_logits_match
 
 PROMPTS = [[5, 17, 42, 99, 7, 250, 3], list(range(10, 51)), [300, 4]]
 
@@ -31,8 +31,4 @@ def test_greedy_tokens_match_transformers(pair):
 
 def test_batched_generation_equals_one_by_one(pair):
     llm, _ = pair
-    params = SamplingParams(max_tokens=12, ignore_eos=True)
-    batched = llm.generate(PROMPTS, params)
-    for ids, out in zip(PROMPTS, batched):
-        [alone] = llm.generate([ids], params)
-        assert out.token_ids == alone.token_ids
+    assert_batched_equals_one_by_one(llm, PROMPTS)

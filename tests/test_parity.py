@@ -3,7 +3,7 @@
 import pytest
 
 from checkpoints import FAMILY_CONFIGS, make_checkpoint
-from moetier import LLM, SamplingParams
+from moetier import LLM
 from parity import assert_batched_equals_one_by_one, assert_greedy_matches, assert_logits_match
 
 PROMPTS = [[5, 17, 42, 99, 7, 250, 3], list(range(10, 51)), [300, 4]]

@@ -76,6 +76,10 @@ if triton is not None:
         tl.store(acc_ptr + row_ids[:, None] * D + d[None, :], acc, mask=(g[:, None] < G) & (d[None, :] < D))
 
 
+_TARGET_PROGRAMS = 256  # about two per SM on an H100
+_TILE_TOKENS = 64  # context tokens per loop iteration (several cache blocks)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -89,11 +93,13 @@ def paged_decode(
     scale: float,
     window: int | None = None,
     sinks_H: torch.Tensor | None = None,
-    num_splits: int = 8,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention output [B, H, D] in q's dtype. k_cache/v_cache: [N, block_size, K, D]."""
     num_seqs, num_heads, head_dim = q_BHD.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
+    if num_splits is None:  # enough programs to fill the GPU at small batch, few splits at large
+        num_splits = max(1, min(32, _TARGET_PROGRAMS // (num_seqs * num_kv_heads)))
     group = num_heads // num_kv_heads
     rows = num_seqs * num_heads * num_splits
     m_R = torch.empty(rows, dtype=torch.float32, device=q_BHD.device)
@@ -107,7 +113,7 @@ def paged_decode(
         block_tables_BM.stride(0),
         scale, window or 0,
         G=group, G_PAD=max(16, _next_pow2(group)), D=head_dim, D_PAD=max(16, _next_pow2(head_dim)),
-        BLOCK_SIZE=block_size, BLOCK_N=max(16, block_size), NUM_SPLITS=num_splits,
+        BLOCK_SIZE=block_size, BLOCK_N=max(_TILE_TOKENS, block_size), NUM_SPLITS=num_splits,
         # fp32 models get exact fp32 products (tl.dot would use TF32); bf16/fp16 use the tensor cores
         PRECISION="ieee" if q_BHD.dtype == torch.float32 else "tf32",
     )

@@ -30,8 +30,9 @@ def decode_step_bytes(engine: Engine, batch: int, mean_context: float) -> float:
         dense += embed.numel() * embed.element_size()  # the lm_head reads the whole shared table
     dense += batch * embed.shape[1] * embed.element_size()
     experts = 0.0
-    for bank in engine.executor.banks.values():
-        part_bytes = sum(t[0].numel() * t.element_size() for t in bank.parts.values())
+    layout = engine.executor.expert_weights.layout
+    part_bytes = sum(torch.Size(shape).numel() * layout.dtype.itemsize for shape in layout.part_shapes.values())
+    for _ in spec.moe_layer_ids:
         experts += expected_active_experts(spec.moe.num_experts, spec.moe.top_k, batch) * part_bytes
     kv_per_token = sum(t.shape[2:].numel() * t.element_size() for layer in engine.runner.kv_cache.layers for t in layer)
     return dense + experts + batch * mean_context * kv_per_token

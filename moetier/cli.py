@@ -25,6 +25,11 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per step; longer prompts are prefilled in chunks")
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights")
+    g.add_argument("--expert-slots", type=int, help="offload routed experts to host memory and cache them in "
+                   "this many device slots shared by all MoE layers (default: every expert resident)")
+    g.add_argument("--eviction", default="lru", choices=["lru", "lfu", "static"],
+                   help="with --expert-slots: which cached expert gives up its slot (static pins the first "
+                   "slots - top_k experts)")
     g.add_argument("-v", "--verbose", action="store_true", help="log what was resolved and loaded")
     return p
 
@@ -86,6 +91,8 @@ def _engine_options(args) -> dict:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
+        expert_slots=args.expert_slots,
+        eviction=args.eviction,
     )
 
 

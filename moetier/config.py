@@ -8,6 +8,7 @@ import torch
 
 from moetier.errors import MoetierError
 from moetier.models.spec import ModelSpec
+from moetier.offload.cache import POLICY_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ class EngineConfig:
     block_size: int = 16
     seed: int = 0
     cuda_graphs: bool = True  # capture decode steps (CUDA, GQA models); False: always eager
+    expert_slots: int | None = None  # None: every expert resident; N: offload, a pool of N GPU expert slots
+    eviction: str = "lru"  # with expert_slots: lru | lfu | static
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -35,6 +38,10 @@ class EngineConfig:
                 raise MoetierError(f"{name} must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise MoetierError("max_model_len must be at least 2")
+        if self.expert_slots is not None and self.expert_slots < 1:
+            raise MoetierError("expert_slots must be at least 1 (or None for every expert resident)")
+        if self.eviction not in POLICY_NAMES:
+            raise MoetierError(f"unknown eviction policy {self.eviction!r} (choose {', '.join(POLICY_NAMES)})")
 
 
 @dataclass(frozen=True)

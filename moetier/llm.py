@@ -66,6 +66,10 @@ class LLM:
         prompts = [self.engine.require_tokenizer().encode_chat(c) for c in conversations]
         return self.generate(prompts, params, on_output)
 
+    def stats(self) -> dict:
+        """The expert executor's counters (offloading: hits, misses, bytes copied, copy wait)."""
+        return self.engine.executor.stats()
+
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Teacher-forced logits [len(token_ids), vocab] in fp32."""
         return self.engine.score(token_ids)

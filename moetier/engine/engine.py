@@ -44,7 +44,9 @@ class Engine:
         self.source = read_source(resolve_model_dir(config.model))
         self.resolved = resolve(config, self.source.model_dir, self.source.spec)
         r = self.resolved
-        self.model, self.executor = load_model(self.source, r.dtype, r.device, config.load_format, config.seed)
+        self.model, self.executor = load_model(
+            self.source, r.dtype, r.device, config.load_format, config.seed, config.expert_slots, config.eviction
+        )
         self.tokenizer = Tokenizer.from_dir(self.source.model_dir)
         self.stop_token_ids = read_stop_token_ids(self.source.model_dir, self.source.config, self.tokenizer)
         # One block beyond the sequences' share: the scratch block that CUDA-graph padding rows write to.

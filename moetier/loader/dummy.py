@@ -3,7 +3,8 @@
 import torch
 
 from moetier.models.transformer import CausalLM
-from moetier.moe.executor import ResidentExecutor
+from moetier.moe.executor import ExpertExecutor
+from moetier.moe.experts import ExpertBank, ExpertId, ExpertWeights
 
 _INIT_STD = 0.02
 
@@ -17,8 +18,9 @@ def _is_zero(name: str) -> bool:
 
 
 @torch.no_grad()
-def fill_dummy(model: CausalLM, executor: ResidentExecutor, seed: int) -> None:
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+def fill_dummy(model: CausalLM, executor: ExpertExecutor, seed: int) -> None:
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
         if _is_unit(name):
             param.fill_(1.0)
@@ -26,9 +28,27 @@ def fill_dummy(model: CausalLM, executor: ResidentExecutor, seed: int) -> None:
             param.zero_()
         else:
             param.normal_(0.0, _INIT_STD, generator=generator)
-    for bank in executor.banks.values():
-        for part, tensor in bank.parts.items():
+    _fill_experts(executor.expert_weights, generator, device)
+
+
+def _fill_experts(weights: ExpertWeights, generator: torch.Generator, device: torch.device) -> None:
+    """Per layer, the same draws into a bank of every expert; where experts are stored one by one
+    (the offload store) that bank is a staging bank on the model's device, copied out per expert,
+    so a seed gives the same experts resident or offloaded."""
+    staging = None
+    for layer in weights.moe_layers:
+        stacked = {part: weights.layer_part(layer, part) for part in weights.layout.part_shapes}
+        direct = all(t is not None for t in stacked.values())
+        if not direct:
+            if staging is None:
+                staging = ExpertBank(weights.num_experts, weights.layout, device)
+            stacked = staging.parts
+        for part, tensor in stacked.items():
             if part.endswith("bias"):
                 tensor.zero_()
             else:
                 tensor.normal_(0.0, _INIT_STD, generator=generator)
+        if not direct:
+            for e in range(weights.num_experts):
+                for part, tensor in stacked.items():
+                    weights.expert_part(ExpertId(layer, e), part).copy_(tensor[e])

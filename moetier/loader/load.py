@@ -16,7 +16,8 @@ from moetier.models.family import Family
 from moetier.models.registry import family_for
 from moetier.models.spec import ModelSpec
 from moetier.models.transformer import CausalLM
-from moetier.moe.executor import ResidentExecutor
+from moetier.moe.executor import ExpertExecutor, ResidentExecutor
+from moetier.offload.executor import OffloadedExecutor
 
 log = logging.getLogger(__name__)
 _PROGRESS_BAR_BYTES = 1 << 30
@@ -38,9 +39,22 @@ def read_source(model_dir: Path) -> ModelSource:
     return ModelSource(model_dir, config, family, family.read_spec(config))
 
 
-def build_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> tuple[CausalLM, ResidentExecutor]:
-    """Allocates (uninitialised) parameters and expert banks directly on the device."""
-    executor = ResidentExecutor(spec, dtype, device)
+def make_executor(
+    spec: ModelSpec, dtype: torch.dtype, device: torch.device, expert_slots: int | None = None, eviction: str = "lru"
+) -> ExpertExecutor:
+    """Resident (every expert in device banks) unless expert_slots asks for a pool of that many slots."""
+    if expert_slots is None:
+        return ResidentExecutor(spec, dtype, device)
+    log.info("offloading experts: %d device slots, %s eviction, host copies of all %d", expert_slots, eviction,
+             len(spec.moe_layer_ids) * spec.moe.num_experts)
+    return OffloadedExecutor(spec, dtype, device, expert_slots, eviction)
+
+
+def build_model(
+    spec: ModelSpec, dtype: torch.dtype, device: torch.device, expert_slots: int | None = None, eviction: str = "lru"
+) -> tuple[CausalLM, ExpertExecutor]:
+    """Allocates (uninitialised) parameters and expert storage directly where they live."""
+    executor = make_executor(spec, dtype, device, expert_slots, eviction)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -55,9 +69,10 @@ def build_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> tu
 
 
 def load_model(
-    source: ModelSource, dtype: torch.dtype, device: torch.device, load_format: str, seed: int
-) -> tuple[CausalLM, ResidentExecutor]:
-    model, executor = build_model(source.spec, dtype, device)
+    source: ModelSource, dtype: torch.dtype, device: torch.device, load_format: str, seed: int,
+    expert_slots: int | None = None, eviction: str = "lru",
+) -> tuple[CausalLM, ExpertExecutor]:
+    model, executor = build_model(source.spec, dtype, device, expert_slots, eviction)
     if load_format == "dummy":
         fill_dummy(model, executor, seed)
     elif load_format in ("auto", "safetensors"):

@@ -1,4 +1,4 @@
-"""Stream checkpoint tensors into the model and the expert banks; fail loudly on any mismatch."""
+"""Stream checkpoint tensors into the model and the routed experts; fail loudly on any mismatch."""
 
 from collections.abc import Iterator
 
@@ -7,7 +7,8 @@ import torch
 from moetier.errors import CheckpointError
 from moetier.models.family import ExpertTensor, Family
 from moetier.models.transformer import CausalLM
-from moetier.moe.executor import ResidentExecutor
+from moetier.moe.executor import ExpertExecutor
+from moetier.moe.experts import ExpertId, ExpertWeights
 
 _SHOWN = 5
 
@@ -19,41 +20,50 @@ def _listing(names) -> str:
 
 
 class _ExpertWriter:
-    """Copies expert tensors into the banks and tracks which (layer, expert, part) are covered."""
+    """Copies expert tensors into the expert weights (resident banks or the offload store) and tracks
+    which (layer, expert, part) are covered. A fused [E, ...] tensor goes in one copy where the layer's
+    experts are one tensor, else one copy per expert."""
 
-    def __init__(self, model: CausalLM, executor: ResidentExecutor):
-        self.banks = executor.banks
-        self.spec = model.spec.moe
-        parts = ["gate", "up", "down"] + (["gate_up_bias", "down_bias"] if self.spec.expert_bias else [])
-        self.missing = {(l, e, p) for l in self.banks for e in range(self.spec.num_experts) for p in parts}
+    def __init__(self, weights: ExpertWeights):
+        self.weights = weights
+        self.num_experts = weights.num_experts
+        parts = ["gate", "up", "down"] + (["gate_up_bias", "down_bias"] if weights.layout.bias else [])
+        self.missing = {(l, e, p) for l in weights.moe_layers for e in range(self.num_experts) for p in parts}
+
+    def _half(self, target: torch.Tensor, part: str) -> torch.Tensor:
+        f = self.weights.layout.intermediate_size
+        return target[..., :f, :] if part == "gate" else target[..., f:, :] if part == "up" else target
 
     def write(self, name: str, ref: ExpertTensor, tensor: torch.Tensor) -> None:
-        if ref.layer not in self.banks:
+        if ref.layer not in self.weights.moe_layers:
             raise CheckpointError(f"unexpected tensor {name}: layer {ref.layer} has no routed experts")
-        f = self.spec.intermediate_size
-        experts = range(self.spec.num_experts) if ref.expert is None else [ref.expert]
-        if ref.expert is not None and ref.expert >= self.spec.num_experts:
+        if ref.expert is not None and ref.expert >= self.num_experts:
             raise CheckpointError(f"unexpected tensor {name}: expert {ref.expert} >= num_experts")
         part = "gate_up" if ref.part in ("gate", "up") else ref.part
-        target = self.banks[ref.layer].parts[part]
-        target = target if ref.expert is None else target[ref.expert]
-        if ref.part == "gate":
-            target = target[..., :f, :]
-        elif ref.part == "up":
-            target = target[..., f:, :]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise CheckpointError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, config expects {tuple(target.shape)}")
-        target.copy_(tensor)
+        shape = self.weights.layout.part_shapes[part]
+        if ref.part in ("gate", "up"):
+            shape = (shape[0] // 2, *shape[1:])
+        expected = shape if ref.expert is not None else (self.num_experts, *shape)
+        if tuple(tensor.shape) != tuple(expected):
+            raise CheckpointError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, config expects {tuple(expected)}")
+        experts = range(self.num_experts) if ref.expert is None else [ref.expert]
+        stacked = self.weights.layer_part(ref.layer, part) if ref.expert is None else None
+        if stacked is not None:
+            self._half(stacked, ref.part).copy_(tensor)
+        else:
+            for e in experts:
+                source = tensor if ref.expert is not None else tensor[e]
+                self._half(self.weights.expert_part(ExpertId(ref.layer, e), part), ref.part).copy_(source)
         covered = ("gate", "up") if ref.part == "gate_up" else (ref.part,)
         self.missing -= {(ref.layer, e, p) for e in experts for p in covered}
 
 
 def load_weights(
-    model: CausalLM, executor: ResidentExecutor, family: Family, tensors: Iterator[tuple[str, torch.Tensor]]
+    model: CausalLM, executor: ExpertExecutor, family: Family, tensors: Iterator[tuple[str, torch.Tensor]]
 ) -> None:
     params = dict(model.named_parameters())
     missing_params = set(params)
-    experts = _ExpertWriter(model, executor)
+    experts = _ExpertWriter(executor.expert_weights)
     unexpected = []
     if family.convert is not None:
         tensors = family.convert(tensors)

@@ -7,6 +7,7 @@ Legend: S slots, N tokens routed to one expert, D hidden, F expert intermediate 
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -48,6 +49,39 @@ class ExpertLayout:
         name, shape = list(self.part_shapes.items())[-1]
         return self.part_offsets[name] + _aligned(self.dtype.itemsize * torch.Size(shape).numel())
 
+    def part_views(self, bytes_XB: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed views of packed experts: uint8 [..., slot_bytes] -> {part: [..., *part_shape]}."""
+        lead = bytes_XB.shape[:-1]
+        elems_XB = bytes_XB.view(self.dtype)
+        views = {}
+        for name, shape in self.part_shapes.items():
+            start = self.part_offsets[name] // self.dtype.itemsize
+            views[name] = elems_XB[..., start : start + torch.Size(shape).numel()].view(*lead, *shape)
+        return views
+
+
+class ExpertId(NamedTuple):
+    """One routed expert of one MoE layer: the identity every tier, policy and trace uses."""
+
+    layer: int
+    expert: int
+
+
+class ExpertWeights(Protocol):
+    """Where the loader and dummy init write routed experts (resident banks or the offload store)."""
+
+    layout: ExpertLayout
+    num_experts: int
+    moe_layers: tuple[int, ...]
+
+    def expert_part(self, expert: ExpertId, part: str) -> torch.Tensor:
+        """One expert's part, shaped layout.part_shapes[part]."""
+        ...
+
+    def layer_part(self, layer: int, part: str) -> torch.Tensor | None:
+        """All experts' part as one [E, ...] tensor, or None where experts are stored separately."""
+        ...
+
 
 class ExpertBank:
     """S packed expert slots in one raw byte buffer, with a typed [S, ...] view per part."""
@@ -55,12 +89,7 @@ class ExpertBank:
     def __init__(self, num_slots: int, layout: ExpertLayout, device: torch.device | str):
         self.layout = layout
         self.bytes_SB = torch.empty(num_slots, layout.slot_bytes, dtype=torch.uint8, device=device)
-        elems_SB = self.bytes_SB.view(layout.dtype)
-        self.parts: dict[str, torch.Tensor] = {}
-        for name, shape in layout.part_shapes.items():
-            start = layout.part_offsets[name] // layout.dtype.itemsize
-            numel = torch.Size(shape).numel()
-            self.parts[name] = elems_SB[:, start : start + numel].view(num_slots, *shape)
+        self.parts: dict[str, torch.Tensor] = layout.part_views(self.bytes_SB)
 
     @property
     def num_slots(self) -> int:

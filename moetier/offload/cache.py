@@ -1,0 +1,85 @@
+"""Eviction policies: which resident expert gives up its GPU slot.
+
+One small interface, driven by the runtime (OffloadedExecutor) and, later, by the routing-trace
+simulator: `access` records that an expert was used; `victim` picks one of the evictable experts
+(the caller never offers an expert the current layer needs), or None if the policy will evict none
+of them. Policies see expert ids only, never slots or tensors.
+"""
+
+import itertools
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable
+
+from moetier.moe.experts import ExpertId
+
+
+class EvictionPolicy(ABC):
+    @abstractmethod
+    def access(self, expert: ExpertId) -> None: ...
+
+    @abstractmethod
+    def victim(self, candidates: Collection[ExpertId]) -> ExpertId | None: ...
+
+
+class LRU(EvictionPolicy):
+    """Evicts the candidate used least recently (never-used first, then by id)."""
+
+    def __init__(self):
+        self._clock = itertools.count(1)
+        self.last_use: dict[ExpertId, int] = {}
+
+    def access(self, expert: ExpertId) -> None:
+        self.last_use[expert] = next(self._clock)
+
+    def victim(self, candidates: Collection[ExpertId]) -> ExpertId | None:
+        return min(candidates, key=lambda e: (self.last_use.get(e, 0), e), default=None)
+
+
+class LFU(EvictionPolicy):
+    """Evicts the candidate used least often over the whole run (ties: least recently used)."""
+
+    def __init__(self):
+        self.lru = LRU()
+        self.uses: Counter[ExpertId] = Counter()
+
+    def access(self, expert: ExpertId) -> None:
+        self.uses[expert] += 1
+        self.lru.access(expert)
+
+    def victim(self, candidates: Collection[ExpertId]) -> ExpertId | None:
+        return min(candidates, key=lambda e: (self.uses[e], self.lru.last_use.get(e, 0), e), default=None)
+
+
+class StaticPinning(EvictionPolicy):
+    """A fixed set of experts is never evicted once loaded; the others stream through the remaining
+    slots by LRU. The pinned set must leave at least one slot for streaming."""
+
+    def __init__(self, pinned: Iterable[ExpertId]):
+        self.pinned = frozenset(pinned)
+        self.lru = LRU()
+
+    def access(self, expert: ExpertId) -> None:
+        self.lru.access(expert)
+
+    def victim(self, candidates: Collection[ExpertId]) -> ExpertId | None:
+        return self.lru.victim([e for e in candidates if e not in self.pinned])
+
+
+def first_experts(moe_layers: Iterable[int], num_experts: int, count: int) -> list[ExpertId]:
+    """The first `count` experts in (layer, expert) order."""
+    every = (ExpertId(layer, e) for layer in moe_layers for e in range(num_experts))
+    return list(itertools.islice(every, max(0, count)))
+
+
+def make_policy(name: str, num_slots: int, moe_layers: tuple[int, ...], num_experts: int, top_k: int) -> EvictionPolicy:
+    """By name; `static` pins the first num_slots - top_k experts, leaving top_k slots to stream."""
+    makers: dict[str, Callable[[], EvictionPolicy]] = {
+        "lru": LRU,
+        "lfu": LFU,
+        "static": lambda: StaticPinning(first_experts(moe_layers, num_experts, num_slots - top_k)),
+    }
+    return makers[name]()
+
+
+POLICY_NAMES = ("lru", "lfu", "static")

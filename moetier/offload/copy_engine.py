@@ -1,0 +1,126 @@
+"""Copy engines: host -> device expert copies that run beside compute, ordered by events.
+
+The interface is three calls. `copy(dst, src, after)` starts a copy once the reader event `after`
+(the last kernel that read dst) has completed and returns the copy's event; `wait(event)` makes
+compute wait for a copy; `mark_read(buffers)` returns an event recorded after the compute issued so
+far, which the caller keeps as the last reader of those buffers.
+
+CudaCopyEngine: a dedicated copy stream, non-blocking copies from pinned memory, CUDA events; all
+waits are on the device (no host sync). DelayedCopyEngine: the CPU stand-in for tests; it copies on
+a worker thread after an injected delay, so a missing wait reads stale bytes and gives wrong
+numbers, and it records every copy into a buffer whose last reader was not given as `after`.
+"""
+
+import queue
+import threading
+import time
+from typing import Protocol
+
+import torch
+
+
+class Event(Protocol):
+    def wait(self) -> None:
+        """Blocks the host until the event has completed."""
+        ...
+
+
+class CopyEngine(Protocol):
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event: ...
+
+    def wait(self, event: Event) -> float:
+        """Compute waits for the event; returns the seconds the host blocked."""
+        ...
+
+    def mark_read(self, buffers: list[torch.Tensor]) -> Event: ...
+
+
+class CudaCopyEngine:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event:
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
+    def wait(self, event: Event) -> float:
+        torch.cuda.current_stream(self.device).wait_event(event)
+        return 0.0
+
+    def mark_read(self, buffers: list[torch.Tensor]) -> Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+
+class CpuEvent:
+    """A host event: set by whoever completes the work."""
+
+    def __init__(self, done: bool = False):
+        self._done = threading.Event()
+        if done:
+            self._done.set()
+
+    def set(self) -> None:
+        self._done.set()
+
+    def query(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> None:
+        self._done.wait()
+
+
+class DelayedCopyEngine:
+    """The CPU stand-in: each copy completes `delay_s` late on one worker thread (copies run in order).
+    CPU compute is synchronous, so a reader event is complete when recorded; the refill rule is
+    checked logically: `violations` lists copies into a buffer whose last reader was not `after`."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.delay_s = delay_s
+        self.violations: list[str] = []
+        self._last_reader: dict[int, CpuEvent] = {}
+        self._queue: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None  # started by the first copy
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event:
+        reader = self._last_reader.get(dst.data_ptr())
+        if reader is not None and reader is not after:
+            self.violations.append(f"buffer at {dst.data_ptr():#x} refilled without waiting for its last reader")
+        done = CpuEvent()
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, daemon=True, name="moetier-copy")
+            self._worker.start()
+        self._queue.put((dst, src, after, done))
+        return done
+
+    def wait(self, event: Event) -> float:
+        start = time.perf_counter()
+        event.wait()
+        return time.perf_counter() - start
+
+    def mark_read(self, buffers: list[torch.Tensor]) -> Event:
+        event = CpuEvent(done=True)
+        for buffer in buffers:
+            self._last_reader[buffer.data_ptr()] = event
+        return event
+
+    def _work(self) -> None:
+        while True:
+            dst, src, after, done = self._queue.get()
+            if after is not None:
+                after.wait()
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            dst.copy_(src)
+            done.set()
+
+
+def make_copy_engine(device: torch.device) -> CopyEngine:
+    return CudaCopyEngine(device) if device.type == "cuda" else DelayedCopyEngine()

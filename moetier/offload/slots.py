@@ -1,0 +1,52 @@
+"""SlotPool: the GPU tier. One ExpertBank of S slots shared by every MoE layer, which expert each
+slot holds (host mirror for planning, per-layer expert -> slot tables on the device for dispatch),
+and per slot the events that order refills: the copy that filled it and the last kernel that read it.
+"""
+
+import torch
+
+from moetier.moe.experts import ExpertBank, ExpertId, ExpertLayout
+from moetier.offload.copy_engine import Event
+
+
+class SlotPool:
+    def __init__(self, num_slots: int, layout: ExpertLayout, moe_layers: tuple[int, ...], num_experts: int,
+                 device: torch.device):
+        if num_slots < 1:
+            raise ValueError("the slot pool needs at least one slot")
+        self.bank = ExpertBank(num_slots, layout, device)
+        self.slot_bytes_S = list(self.bank.bytes_SB.unbind(0))  # one packed destination per slot
+        self.holder: list[ExpertId | None] = [None] * num_slots  # host mirror: slot -> expert
+        self.slot_of: dict[ExpertId, int] = {}  # host mirror: expert -> slot
+        self.host_tables = {layer: torch.full((num_experts,), -1, dtype=torch.int64) for layer in moe_layers}
+        self.tables = {layer: torch.full((num_experts,), -1, dtype=torch.int64, device=device) for layer in moe_layers}
+        self.last_read: list[Event | None] = [None] * num_slots
+        self.filled: list[Event | None] = [None] * num_slots  # the copy into the slot, until compute waited on it
+        self._dirty: set[int] = set()
+
+    @property
+    def num_slots(self) -> int:
+        return self.bank.num_slots
+
+    def free_slot(self) -> int | None:
+        return next((slot for slot, expert in enumerate(self.holder) if expert is None), None)
+
+    def assign(self, slot: int, expert: ExpertId, filled: Event) -> None:
+        """Records that `slot` now holds `expert` (its copy completes at `filled`), evicting any holder."""
+        old = self.holder[slot]
+        if old is not None:
+            del self.slot_of[old]
+            self.host_tables[old.layer][old.expert] = -1
+            self._dirty.add(old.layer)
+        self.holder[slot] = expert
+        self.slot_of[expert] = slot
+        self.host_tables[expert.layer][expert.expert] = slot
+        self._dirty.add(expert.layer)
+        self.filled[slot] = filled
+
+    def device_table(self, layer: int) -> torch.Tensor:
+        """The layer's expert -> slot table (int64 [E], -1 when absent) on the device, up to date."""
+        if layer in self._dirty:
+            self.tables[layer].copy_(self.host_tables[layer], non_blocking=True)
+            self._dirty.discard(layer)
+        return self.tables[layer]

@@ -1,0 +1,265 @@
+"""Expert offloading (CPU): bitwise equal to resident with tiny slot pools and late copies; the cache
+logic, the host arena and the refill rule on their own."""
+
+import itertools
+from collections import OrderedDict
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from checkpoints import FAMILY_CONFIGS, make_checkpoint
+from moetier import LLM, SamplingParams
+from moetier.cli import _build_parser, _engine_options
+from moetier.errors import MoetierError
+from moetier.models.registry import family_for
+from moetier.moe.experts import ExpertBank, ExpertId, ExpertLayout
+from moetier.offload.arena import HostArena
+from moetier.offload.cache import LFU, LRU, StaticPinning, first_experts, make_policy
+from moetier.offload.copy_engine import DelayedCopyEngine
+from moetier.offload.executor import OffloadedExecutor
+from moetier.offload.store import ExpertStore
+from test_deepseek import make_deepseek
+from test_gpt_oss import _reference_model, _save
+
+PROMPTS = [[5, 17, 42, 99, 7, 250, 3], list(range(10, 51)), [300, 4]]
+COPY_DELAY_S = 0.0005
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _checkpoint(name: str, path):
+    if name == "gpt_oss":
+        _save(_reference_model(), path)
+    elif name.startswith("deepseek"):
+        make_deepseek("v3-halves-fused", path)
+    else:
+        family, fused = name.split("-")
+        make_checkpoint(family, path, fused=fused == "fused")
+    return str(path)
+
+
+def _offloaded(path: str, slots: int, delay_s: float = COPY_DELAY_S, **options) -> tuple[LLM, DelayedCopyEngine]:
+    llm = LLM(path, dtype="float32", max_model_len=128, expert_slots=slots, **options)
+    engine = DelayedCopyEngine(delay_s)
+    llm.engine.executor.copy_engine = engine
+    return llm, engine
+
+
+def _outputs(llm: LLM) -> tuple[list[torch.Tensor], list[list[int]]]:
+    logits = [llm.score(ids) for ids in PROMPTS]
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True))
+    return logits, [out.token_ids for out in outs]
+
+
+CASES = ["qwen3_moe-per_expert", "mixtral-fused", "qwen2_moe-per_expert", "deepseek_v3", "gpt_oss"]
+
+
+@pytest.fixture(scope="module", params=CASES)
+def case(request, tmp_path_factory):
+    path = _checkpoint(request.param, tmp_path_factory.mktemp(request.param.replace("-", "_")))
+    resident = LLM(path, dtype="float32", max_model_len=128)
+    spec = resident.engine.source.spec
+    return path, spec, _outputs(resident)
+
+
+def _pool_sizes(spec) -> list[int]:
+    every = spec.moe.num_experts * len(spec.moe_layer_ids)
+    return sorted({1, 2, spec.moe.top_k, spec.moe.top_k + 3, every})
+
+
+def test_offloaded_is_bitwise_resident(case):
+    path, spec, (ref_logits, ref_tokens) = case
+    for slots in _pool_sizes(spec):
+        llm, engine = _offloaded(path, slots)
+        logits, tokens = _outputs(llm)
+        for ours, theirs in zip(logits, ref_logits):
+            assert torch.equal(ours, theirs), f"{slots} slots: logits differ"
+        assert tokens == ref_tokens, f"{slots} slots"
+        assert engine.violations == []
+        stats = llm.stats()
+        assert stats["misses"] >= 1 and stats["bytes_copied"] == stats["misses"] * stats["slot_bytes"]
+        if slots == spec.moe.num_experts * len(spec.moe_layer_ids):
+            assert stats["misses"] <= slots  # everything fits: each expert is copied at most once
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return _checkpoint("qwen3_moe-per_expert", tmp_path_factory.mktemp("qwen3"))
+
+
+@pytest.mark.parametrize("eviction", ["lfu", "static"])
+def test_other_policies_are_exact(qwen3, eviction):
+    ref_logits, ref_tokens = _outputs(LLM(qwen3, dtype="float32", max_model_len=128))
+    llm, engine = _offloaded(qwen3, 5, eviction=eviction)
+    logits, tokens = _outputs(llm)
+    assert all(torch.equal(a, b) for a, b in zip(logits, ref_logits)) and tokens == ref_tokens
+    assert engine.violations == []
+
+
+def test_dummy_weights_are_the_same_offloaded(qwen3):
+    resident = LLM(qwen3, dtype="float32", max_model_len=128, load_format="dummy", seed=3)
+    llm, _ = _offloaded(qwen3, 2, load_format="dummy", seed=3)
+    assert torch.equal(llm.score(PROMPTS[1]), resident.score(PROMPTS[1]))
+
+
+def test_missing_copy_wait_gives_wrong_logits(qwen3):
+    """Proves the exactness tests can fail: compute that does not wait reads slots before copies land."""
+    resident = LLM(qwen3, dtype="float32", max_model_len=128)
+    llm, _ = _offloaded(qwen3, 2, delay_s=0.02)
+    llm.engine.executor._wait_for_copies = lambda layer, experts: None
+    assert not torch.equal(llm.score(PROMPTS[1]), resident.score(PROMPTS[1]))
+
+
+def test_refill_without_reader_event_is_caught(qwen3):
+    llm, engine = _offloaded(qwen3, 2)
+    executor = llm.engine.executor
+
+    def forget_readers(layer, experts):  # the readers happen, but the pool forgets them
+        engine.mark_read([executor.pool.slot_bytes_S[executor.pool.slot_of[ExpertId(layer, e)]] for e in experts])
+
+    executor._mark_read = forget_readers
+    llm.score(PROMPTS[1])
+    assert engine.violations
+
+
+def test_options_are_checked_and_on_the_cli():
+    with pytest.raises(MoetierError, match="expert_slots"):
+        LLM(None, expert_slots=0)
+    with pytest.raises(MoetierError, match="eviction"):
+        LLM(None, expert_slots=4, eviction="fifo")
+    args = _build_parser().parse_args(["generate", "hi", "--expert-slots", "4", "--eviction", "lfu"])
+    assert _engine_options(args) | {"expert_slots": 4, "eviction": "lfu"} == _engine_options(args)
+
+
+# --- the cache logic on its own ---------------------------------------------------------------
+
+def _spec():
+    config = FAMILY_CONFIGS["qwen3_moe"]().to_dict() | {"architectures": ["Qwen3MoeForCausalLM"]}
+    return family_for(config).read_spec(config)
+
+
+@settings(max_examples=60, deadline=None)
+@given(slots=st.integers(1, 6), policy=st.sampled_from(["lru", "lfu", "static"]),
+       steps=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 7), min_size=1, max_size=8)), max_size=12))
+def test_needed_experts_are_never_evicted(slots, policy, steps):
+    spec = _spec()
+    executor = OffloadedExecutor(spec, torch.float32, "cpu", slots, policy, DelayedCopyEngine())
+    for layer, needed in steps:
+        remaining = sorted(needed)
+        while remaining:
+            resident_hits = {e for e in remaining if ExpertId(layer, e) in executor.pool.slot_of}
+            round_experts = executor._load_round(layer, remaining)
+            assert round_experts, "every round makes progress"
+            assert resident_hits <= set(round_experts)  # hits are never evicted to make room
+            held = [executor.pool.slot_of.get(ExpertId(layer, e)) for e in round_experts]
+            assert None not in held and len(set(held)) == len(held)
+            executor._mark_read(layer, round_experts)
+            remaining = [e for e in remaining if e not in round_experts]
+    assert executor.copy_engine.violations == []
+
+
+def _simulate(policy, capacity: int, accesses: list[ExpertId]) -> list[set[ExpertId]]:
+    """A cache of `capacity` driven by the policy, one access at a time; its contents after each."""
+    cache, history = set(), []
+    for expert in accesses:
+        policy.access(expert)
+        if expert not in cache:
+            if len(cache) == capacity:
+                cache.remove(policy.victim([e for e in cache if e != expert]))
+            cache.add(expert)
+        history.append(set(cache))
+    return history
+
+
+def _reference_lru(capacity: int, accesses: list[ExpertId]) -> list[set[ExpertId]]:
+    cache, history = OrderedDict(), []
+    for expert in accesses:
+        cache[expert] = None
+        cache.move_to_end(expert)
+        if len(cache) > capacity:
+            cache.popitem(last=False)
+        history.append(set(cache))
+    return history
+
+
+_accesses = st.lists(st.builds(ExpertId, st.integers(0, 2), st.integers(0, 5)), max_size=60)
+
+
+@settings(max_examples=100, deadline=None)
+@given(capacity=st.integers(1, 8), accesses=_accesses)
+def test_lru_equals_reference(capacity, accesses):
+    assert _simulate(LRU(), capacity, accesses) == _reference_lru(capacity, accesses)
+
+
+@settings(max_examples=100, deadline=None)
+@given(accesses=_accesses, candidates=st.sets(st.builds(ExpertId, st.integers(0, 2), st.integers(0, 5)), min_size=1))
+def test_lfu_evicts_least_used_then_least_recent(accesses, candidates):
+    policy = LFU()
+    for expert in accesses:
+        policy.access(expert)
+    last = {e: i for i, e in enumerate(accesses)}
+    count = {e: accesses.count(e) for e in candidates}
+    victim = policy.victim(candidates)
+    assert count[victim] == min(count.values())
+    assert last.get(victim, -1) == min(last.get(e, -1) for e in candidates if count[e] == count[victim])
+
+
+@settings(max_examples=100, deadline=None)
+@given(pinned=st.sets(st.builds(ExpertId, st.integers(0, 1), st.integers(0, 3))), accesses=_accesses,
+       candidates=st.sets(st.builds(ExpertId, st.integers(0, 2), st.integers(0, 5))))
+def test_static_never_evicts_pinned_and_is_lru_otherwise(pinned, accesses, candidates):
+    policy, lru = StaticPinning(pinned), LRU()
+    for expert in accesses:
+        policy.access(expert)
+        lru.access(expert)
+    victim = policy.victim(candidates)
+    assert victim == lru.victim([e for e in candidates if e not in pinned])
+
+
+def test_static_default_pins_all_but_top_k_slots():
+    policy = make_policy("static", 5, (0, 2), 4, top_k=2)
+    assert policy.pinned == {ExpertId(0, 0), ExpertId(0, 1), ExpertId(0, 2)}
+    assert first_experts((1,), 3, 0) == [] and make_policy("static", 1, (0,), 4, top_k=2).pinned == set()
+
+
+# --- host memory ------------------------------------------------------------------------------
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=40), chunk=st.integers(1, 8192),
+       alignment=st.sampled_from([1, 8, 64, 256, 4096]))
+def test_arena_allocations_are_aligned_and_disjoint(sizes, chunk, alignment):
+    arena = HostArena(chunk_bytes=chunk, alignment=alignment, pin=False)
+    spans = []
+    for size in sizes:
+        buffer = arena.allocate(size)
+        assert buffer.numel() == size and buffer.dtype == torch.uint8 and buffer.data_ptr() % alignment == 0
+        spans.append((buffer.data_ptr(), buffer.data_ptr() + size))
+    spans.sort()
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))
+    assert arena.used_bytes == sum(sizes) <= arena.reserved_bytes
+    assert len(arena.chunks) <= len(sizes)
+    assert all(c.numel() & (c.numel() - 1) == 0 for c in arena.chunks)  # powers of two, as pinned memory rounds
+
+
+def test_store_uses_few_chunks_and_bank_layout():
+    layout = ExpertLayout(64, 32, torch.bfloat16, bias=True)
+    store = ExpertStore(layout, (0, 1, 3), 8)
+    assert len(store.arena.chunks) == 1 and not store.arena.chunks[0].is_pinned()
+    bank = ExpertBank(1, layout, "cpu")
+    for part, view in store.parts[ExpertId(3, 5)].items():
+        assert view.shape == layout.part_shapes[part]
+        view.copy_(torch.randn(view.shape))
+    bank.bytes_SB[0].copy_(store.buffers[ExpertId(3, 5)])  # one packed copy carries every part
+    for part, view in store.parts[ExpertId(3, 5)].items():
+        assert torch.equal(bank.parts[part][0], view)
+    assert store.layer_part(0, "gate_up") is None
+    pairs = itertools.combinations(store.buffers.values(), 2)
+    assert all(a.data_ptr() + a.numel() <= b.data_ptr() or b.data_ptr() + b.numel() <= a.data_ptr() for a, b in pairs)

@@ -1,4 +1,4 @@
-"""moetier command line: generate | chat | serve | eval-ppl.
+"""moetier command line: generate | chat | serve | eval-ppl | bench | calibrate | fit.
 
 Every user mistake surfaces as one line on stderr and exit code 2, never a traceback.
 """
@@ -30,6 +30,10 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--eviction", default="lru", choices=["lru", "lfu", "static"],
                    help="with --expert-slots: which cached expert gives up its slot (static pins the first "
                    "slots - top_k experts)")
+    g.add_argument("--gpu-memory", help="device memory budget, e.g. 24GiB or 40GB: weights, KV cache, a reserve "
+                   "and as many expert slots as fit (offloading only when not every expert fits; with "
+                   "--expert-slots: checks that they fit)")
+    g.add_argument("--cpu-memory", help="cap on the host memory of the offloaded experts (pinned arena), e.g. 64GiB")
     g.add_argument("-v", "--verbose", action="store_true", help="log what was resolved and loaded")
     return p
 
@@ -73,13 +77,52 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output-len", type=int, default=128, help="new tokens of each decode request")
     bench.add_argument("--prefill-lens", default="512,2048", help="single-prompt prefill lengths, comma-separated")
     sub.add_parser("calibrate", help="measure copy and memory bandwidths of this machine; saves a profile")
+    fit = sub.add_parser("fit", help="from config.json alone: the memory plan for a GPU budget (expert slots, "
+                         "resident or offloaded) and a decode roofline")
+    fit.add_argument("fit_model", metavar="MODEL", help="checkpoint directory (or Hub id in the local cache) "
+                     "with a config.json; no weights are read")
+    fit.add_argument("--gpu-memory", required=True, help="device memory budget, e.g. 24GiB, 40GB")
+    fit.add_argument("--cpu-memory", help="host memory cap for the offloaded experts")
+    fit.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), float32, bfloat16 or float16")
+    fit.add_argument("--max-model-len", type=int, help="as for the engine (default: min(model limit, 4096))")
+    fit.add_argument("--max-num-seqs", type=int, default=16, help="as for the engine")
+    fit.add_argument("--expert-slots", type=int, help="check that this many slots fit instead of choosing")
+    fit.add_argument("--context", type=int, default=512, help="context tokens read per decode step in the roofline")
+    fit.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ppl = sub.add_parser("eval-ppl", parents=[_engine_flags()], help="sliding-window perplexity on a text")
     ppl.add_argument("--text", help="a UTF-8 text file (default: the held-out split of the corpus recipe, "
                      "rebuilt from this Python's standard library)")
     ppl.add_argument("--window", type=int, help="context tokens per window (default: max-model-len - 1)")
     ppl.add_argument("--stride", type=int, help="tokens between windows (default: window / 2)")
     ppl.add_argument("--limit-tokens", type=int, help="score only the first N tokens of the text")
+    _add_trace_parser(sub)
     return parser
+
+
+def _add_trace_parser(sub) -> None:
+    trace = sub.add_parser("trace", help="routing traces: record, analyze, simulate eviction policies")
+    tsub = trace.add_subparsers(dest="trace_command", required=True)
+    rec = tsub.add_parser("record", parents=[_engine_flags()], help="record a model's routing over a text or prompts")
+    src = rec.add_mutually_exclusive_group()
+    src.add_argument("--text", help="a UTF-8 text, run teacher-forced in windows (default: the held-out split "
+                     "of the corpus recipe)")
+    src.add_argument("--prompts", help="a file of prompts, one per non-empty line")
+    rec.add_argument("--max-tokens", type=int, default=8192, help="text tokens to record at most")
+    rec.add_argument("--window", type=int, help="tokens per text window (default: min(512, max-model-len) "
+                     "minus --generate)")
+    rec.add_argument("--generate", type=int, default=16, help="greedy decode tokens after each window or prompt "
+                     "(decode-phase routing)")
+    rec.add_argument("--out", required=True, help="the .npz trace to write")
+    ana = tsub.add_parser("analyze", help="markdown summary and PNG plots of a trace")
+    ana.add_argument("trace", help="a .npz trace from `moetier trace record`")
+    ana.add_argument("--out", required=True, help="directory for summary.md and the plots")
+    sim = tsub.add_parser("simulate", help="replay a trace through the runtime's eviction policies, with Belady")
+    sim.add_argument("trace", help="a .npz trace from `moetier trace record`")
+    sim.add_argument("--cache-fraction", default="0.1,0.25,0.5",
+                     help="device slots as fractions of all routed experts, comma-separated")
+    sim.add_argument("--policy", default="lru,lfu,static", help="eviction policies, comma-separated")
+    sim.add_argument("--phase", default="all", choices=["all", "prefill", "decode"], help="tokens to replay")
+    sim.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
 
 
 def _engine_options(args) -> dict:
@@ -93,6 +136,8 @@ def _engine_options(args) -> dict:
         seed=args.seed,
         expert_slots=args.expert_slots,
         eviction=args.eviction,
+        gpu_memory=args.gpu_memory,
+        cpu_memory=args.cpu_memory,
     )
 
 
@@ -204,6 +249,75 @@ def _calibrate(args) -> None:
     print(f"saved to {profile_path()}", file=sys.stderr)
 
 
+def fit_report(model: str, gpu_memory: str, cpu_memory: str | None = None, dtype: str = "auto",
+               max_model_len: int | None = None, max_num_seqs: int = 16, expert_slots: int | None = None,
+               context: int = 512, profile: dict | None = None) -> dict:
+    """`moetier fit` as a dict: the memory plan and the batch-1 decode roofline (config.json only)."""
+    import json
+
+    import torch
+
+    from moetier.config import EngineConfig, resolve_dtype
+    from moetier.loader.load import read_source
+    from moetier.loader.resolve import resolve_model_dir
+    from moetier.offload.budget import bandwidths, decode_roofline, plan_memory
+    from moetier.offload.calibrate import profile_path
+
+    config = EngineConfig(model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                          expert_slots=expert_slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory)
+    source = read_source(resolve_model_dir(model))
+    spec = source.spec
+    torch_dtype = resolve_dtype(dtype, spec, torch.device("cuda"))  # planned for a GPU, wherever fit runs
+    length = max_model_len or min(spec.max_position, 4096)
+    if length > spec.max_position:
+        raise MoetierError(f"max_model_len {length} exceeds the model's {spec.max_position} positions")
+    plan = plan_memory(spec, torch_dtype, length, max_num_seqs, config.block_size, gpu_memory, cpu_memory,
+                       expert_slots=expert_slots)
+    if profile is None and profile_path().is_file():
+        profile = json.loads(profile_path().read_text())
+    bw = bandwidths(profile)
+    return {
+        "model": str(source.model_dir), "architecture": spec.architecture,
+        "dtype": str(torch_dtype).removeprefix("torch."), "max_model_len": length, "max_num_seqs": max_num_seqs,
+        "plan": plan.to_dict(), "bandwidth": bw,
+        "roofline": decode_roofline(spec, torch_dtype, plan, bw["device_gbps"], bw["h2d_pinned_gbps"], context),
+    }
+
+
+def _fit(args) -> None:
+    import json
+
+    from moetier.offload.budget import gib
+
+    report = fit_report(args.fit_model, args.gpu_memory, args.cpu_memory, args.dtype, args.max_model_len,
+                        args.max_num_seqs, args.expert_slots, args.context)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    plan, roof, bw = report["plan"], report["roofline"], report["bandwidth"]
+    rows = [(f"weights: {name}", n) for name, n in plan["weights"].items() if n]
+    rows += [(f"host: {name}", n) for name, n in plan["host_weights"].items()]
+    rows += [(f"KV cache ({report['max_num_seqs']} x {report['max_model_len']} tokens)", plan["kv_cache"]),
+             ("reserve (CUDA context, workspace, graphs)", plan["reserve"]),
+             (f"expert slots ({plan['num_slots']} x {plan['slot_bytes']} bytes)", plan["experts_on_device"]),
+             ("total on the GPU", plan["gpu_total"]), ("GPU budget", plan["gpu_budget"])]
+    if not plan["resident"]:
+        rows.append(("host expert store", plan["host_store"]))
+    print(f"{report['model']} ({report['architecture']}, {report['dtype']})")
+    for name, n in rows:
+        print(f"  {name:<48} {gib(n):>12}")
+    state = "resident" if plan["resident"] else "offloaded"
+    print(f"  experts: {state}, {plan['num_slots']} of {plan['num_experts']} cached "
+          f"({100 * plan['cached_fraction']:.1f}%), top_k {plan['top_k']}")
+    print(f"  batch-1 decode roofline, bandwidths {bw['source']}:")
+    print(f"    resident bound  {roof['resident_tok_s']:>10} tok/s ({roof['device_bytes_per_token'] / 1e9:.3f} GB/token "
+          f"at {bw['device_gbps']:g} GB/s)")
+    if not plan["resident"]:
+        print(f"    copy bound      {roof['copy_bound_tok_s']:>10} tok/s ({roof['miss_bytes_per_token'] / 1e9:.3f} GB "
+              f"missed/token at {bw['h2d_pinned_gbps']:g} GB/s, uniform routing)")
+        print(f"    offloaded bound {roof['offloaded_tok_s']:>10} tok/s")
+
+
 def _eval_ppl(args) -> None:
     import hashlib
     import json
@@ -238,11 +352,86 @@ def _eval_ppl(args) -> None:
     }))
 
 
+def _trace(args) -> None:
+    {"record": _trace_record, "analyze": _trace_analyze, "simulate": _trace_simulate}[args.trace_command](args)
+
+
+def _trace_record(args) -> None:
+    from pathlib import Path
+
+    from moetier.llm import LLM
+    from moetier.trace.record import record, text_windows
+
+    llm = LLM(args.model, **_engine_options(args))
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise MoetierError(f"--prompts {args.prompts} is not a file")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        if args.text:
+            path = Path(args.text)
+            if not path.is_file():
+                raise MoetierError(f"--text {args.text} is not a file")
+            text = path.read_text(encoding="utf-8")
+        else:
+            from moetier.eval.corpus import build_corpus_text
+
+            text = build_corpus_text("heldout")
+        if args.max_tokens < 1:
+            raise MoetierError("--max-tokens must be >= 1")
+        window = args.window or min(512, llm.engine.resolved.max_model_len) - args.generate - 1
+        if not 0 < window or window + args.generate >= llm.engine.resolved.max_model_len:
+            raise MoetierError("need 0 < window and window + --generate < max-model-len")
+        ids = llm.engine.require_tokenizer().encode(text, add_special_tokens=False)
+        prompts = text_windows(ids, window, args.max_tokens)
+    trace = record(llm, prompts, args.generate)
+    trace.save(args.out)
+    print(f"{trace.num_tokens} tokens ({int(trace.phase.sum())} decode) in {len(prompts)} sequences -> {args.out}",
+          file=sys.stderr)
+
+
+def _trace_analyze(args) -> None:
+    from moetier.trace.analyze import write_report
+    from moetier.trace.format import load_trace
+
+    for path in write_report(load_trace(args.trace), args.out):
+        print(path)
+
+
+def _trace_simulate(args) -> None:
+    import json
+
+    from moetier.offload.cache import POLICY_NAMES
+    from moetier.trace.format import load_trace
+    from moetier.trace.simulate import results_markdown, select_phase, simulate_grid
+
+    try:
+        fractions = [float(v) for v in args.cache_fraction.split(",") if v]
+    except ValueError:
+        raise MoetierError(f"--cache-fraction: expected comma-separated numbers, got {args.cache_fraction!r}") from None
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise MoetierError("--cache-fraction values must lie in (0, 1]")
+    policies = [p for p in args.policy.split(",") if p]
+    unknown = [p for p in policies if p not in POLICY_NAMES]
+    if unknown:
+        raise MoetierError(f"unknown policy {', '.join(unknown)} (known: {', '.join(POLICY_NAMES)})")
+    trace = select_phase(load_trace(args.trace), args.phase)
+    if trace.num_tokens == 0:
+        raise MoetierError(f"the trace has no {args.phase} tokens")
+    results = simulate_grid(trace, policies, fractions)
+    if args.json:
+        print(json.dumps([dict(vars(r), hit_rate=r.hit_rate) for r in results], indent=1))
+    else:
+        print(results_markdown(trace, results), end="")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        {"generate": _generate, "chat": _chat, "serve": _serve, "eval-ppl": _eval_ppl, "bench": _bench, "calibrate": _calibrate}[args.command](args)
+        {"generate": _generate, "chat": _chat, "serve": _serve, "eval-ppl": _eval_ppl, "bench": _bench,
+         "calibrate": _calibrate, "fit": _fit, "trace": _trace}[args.command](args)
     except MoetierError as e:
         print(f"moetier: error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import torch
 
 from moetier.errors import MoetierError
 from moetier.models.spec import ModelSpec
+from moetier.offload.budget import MemoryPlan, gib, parse_size, plan_memory
 from moetier.offload.cache import POLICY_NAMES
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture decode steps (CUDA, GQA models); False: always eager
     expert_slots: int | None = None  # None: every expert resident; N: offload, a pool of N GPU expert slots
     eviction: str = "lru"  # with expert_slots: lru | lfu | static
+    gpu_memory: str | int | None = None  # "24GiB", "40GB", bytes: plan expert slots for this device budget
+    cpu_memory: str | int | None = None  # cap on the host expert store (pinned arena) when offloading
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -42,6 +45,9 @@ class EngineConfig:
             raise MoetierError("expert_slots must be at least 1 (or None for every expert resident)")
         if self.eviction not in POLICY_NAMES:
             raise MoetierError(f"unknown eviction policy {self.eviction!r} (choose {', '.join(POLICY_NAMES)})")
+        for name in ("gpu_memory", "cpu_memory"):
+            if getattr(self, name) is not None:
+                parse_size(getattr(self, name))  # a malformed size fails here, before anything loads
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class ResolvedConfig:
     device: torch.device
     max_model_len: int
     num_kv_blocks: int
+    expert_slots: int | None = None  # None: every expert resident
+    memory_plan: MemoryPlan | None = None  # with gpu_memory
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -85,9 +93,32 @@ def resolve(config: EngineConfig, model_dir: Path, spec: ModelSpec) -> ResolvedC
     if max_model_len > spec.max_position:
         raise MoetierError(f"max_model_len {max_model_len} exceeds the model's {spec.max_position} positions")
     blocks_per_seq = -(-max_model_len // config.block_size)
-    resolved = ResolvedConfig(model_dir, dtype, device, max_model_len, blocks_per_seq * config.max_num_seqs)
+    plan, expert_slots = resolve_expert_slots(config, spec, dtype, max_model_len)
+    resolved = ResolvedConfig(model_dir, dtype, device, max_model_len, blocks_per_seq * config.max_num_seqs,
+                              expert_slots, plan)
     log.info(
-        "resolved: model=%s dtype=%s device=%s max_model_len=%d kv_blocks=%d x %d tokens",
+        "resolved: model=%s dtype=%s device=%s max_model_len=%d kv_blocks=%d x %d tokens expert_slots=%s",
         model_dir, str(dtype).removeprefix("torch."), device, max_model_len, resolved.num_kv_blocks, config.block_size,
+        "all resident" if expert_slots is None else expert_slots,
     )
     return resolved
+
+
+def resolve_expert_slots(config: EngineConfig, spec: ModelSpec, dtype: torch.dtype,
+                         max_model_len: int) -> tuple[MemoryPlan | None, int | None]:
+    """Without gpu_memory: expert_slots as given. With it: the planner's slot count (None when every
+    expert fits), or, when expert_slots is given too, that count after checking it fits the budget."""
+    if config.gpu_memory is None:
+        if config.cpu_memory is not None and config.expert_slots is not None:
+            plan_memory(spec, dtype, max_model_len, config.max_num_seqs, config.block_size, 1 << 60,
+                        config.cpu_memory, expert_slots=config.expert_slots)  # checks the host store only
+        return None, config.expert_slots
+    plan = plan_memory(spec, dtype, max_model_len, config.max_num_seqs, config.block_size, config.gpu_memory,
+                       config.cpu_memory, expert_slots=config.expert_slots)
+    log.info(
+        "memory plan for %s: weights %s, KV cache %s, reserve %s, %s (%d slots of %d bytes, %.0f%% of experts)",
+        gib(plan.gpu_budget), gib(plan.non_expert), gib(plan.kv_cache), gib(plan.reserve),
+        "experts resident" if plan.resident else "experts offloaded", plan.num_slots, plan.slot_bytes,
+        100 * plan.cached_fraction,
+    )
+    return plan, plan.expert_slots

@@ -13,6 +13,7 @@ from moetier.engine.kv_cache import KVCache
 from moetier.engine.scheduler import ScheduledSeq
 from moetier.kernels import paged_decode
 from moetier.models.transformer import CausalLM
+from moetier.moe.layer import MoELayer
 
 
 def _is_decode(scheduled: list[ScheduledSeq]) -> bool:
@@ -37,8 +38,20 @@ class Runner:
             device.type == "cuda" and model.spec.attention.kind == "gqa" and paged_decode.triton is not None
         )
         self.graphs = None
+        self._graph_args = (max_batch, max_blocks_per_seq, scratch_block)
         if cuda_graphs and self.decode_kernel and model.executor.sync_free:
-            self.graphs = DecodeGraphs(model, kv_cache, max_batch, max_blocks_per_seq, scratch_block)
+            self.graphs = DecodeGraphs(model, kv_cache, *self._graph_args)
+        self.recorder = None  # a routing recorder: MoE layers write to it, run() closes each step
+
+    def attach_recorder(self, recorder) -> None:
+        """Makes every MoE layer report its routing to `recorder` (a MoELayer observer with an
+        end_step(scheduled) method); decode graphs are captured again so that they include it."""
+        for module in self.model.modules():
+            if isinstance(module, MoELayer):
+                module.observer = recorder
+        self.recorder = recorder
+        if self.graphs is not None:
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, *self._graph_args)
 
     def prepare(self, scheduled: list[ScheduledSeq], all_logits: bool = False) -> ForwardBatch:
         block_size = self.kv_cache.block_size
@@ -77,5 +90,9 @@ class Runner:
     def run(self, scheduled: list[ScheduledSeq], all_logits: bool = False) -> torch.Tensor:
         """Logits [rows, vocab] in fp32: one row per sampling sequence, or every row if all_logits."""
         if self.graphs is not None and not all_logits and _is_decode(scheduled) and len(scheduled) <= self.graphs.max_batch:
-            return self.graphs.run(scheduled)
-        return self.model(self.prepare(scheduled, all_logits), self.kv_cache.layers)
+            logits = self.graphs.run(scheduled)
+        else:
+            logits = self.model(self.prepare(scheduled, all_logits), self.kv_cache.layers)
+        if self.recorder is not None:
+            self.recorder.end_step(scheduled)
+        return logits

@@ -1,11 +1,17 @@
 """MoELayer: the one place where router, expert executor and shared experts meet."""
 
+from collections.abc import Callable
+
 import torch
 
 from moetier.models.mlp import DenseMLP
 from moetier.models.spec import MoESpec
 from moetier.moe.executor import ExpertExecutor
-from moetier.moe.router import Router
+from moetier.moe.router import Router, Routing
+
+# Called with (layer, routing) after routing, before the experts run; it must only enqueue device
+# work (no host sync) so it also works under CUDA graph capture and replay.
+RoutingObserver = Callable[[int, Routing], None]
 
 
 class MoELayer(torch.nn.Module):
@@ -15,6 +21,7 @@ class MoELayer(torch.nn.Module):
         self.spec = spec
         self.executor = executor
         self.gate = Router(spec.router, hidden_size)
+        self.observer: RoutingObserver | None = None  # e.g. the trace recorder
         if spec.shared_intermediate_size:
             self.shared_expert = DenseMLP(hidden_size, spec.shared_intermediate_size)
         if spec.shared_gate:
@@ -22,6 +29,8 @@ class MoELayer(torch.nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         routing = self.gate(x_TD)
+        if self.observer is not None:
+            self.observer(self.layer, routing)
         y_TD = self.executor.run(self.layer, x_TD, routing)
         if self.spec.shared_intermediate_size:
             shared_TD = self.shared_expert(x_TD)

@@ -1,0 +1,200 @@
+"""Routing statistics of a trace, a markdown summary and PNG plots (`moetier trace analyze`).
+
+Legend: L MoE layers, N tokens, K experts per token, E experts.
+
+Definitions (per MoE layer; tokens of a sequence ordered by position):
+- popularity: load of expert e = (times e was chosen) / (N * K); the sorted load curve; entropy of
+  the load in bits (log2 E when uniform); max/mean = the busiest expert's count over the mean count.
+- temporal locality: over every (token t, expert e chosen at t) with at least w later tokens in the
+  same sequence, the fraction for which e is chosen again at one of the tokens t+1 .. t+w.
+  Reuse distance: tokens until e is chosen again in the same sequence (1 = the next token),
+  averaged over the pairs where that happens.
+- inter-layer affinity, consecutive MoE layers (l, l+1): C[a, b] counts the tokens choosing a at l
+  and b at l+1; P(b | a) = C[a, b] / sum_b C[a, b] (each row sums to 1). Top-m mass: the m largest
+  entries of row a summed, averaged over a weighted by a's popularity at l (uniform routing: m / E).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moetier.trace.format import RoutingTrace
+
+WINDOWS = (1, 4, 16)
+TOP_MASSES = (1, 4)
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    load_E: np.ndarray  # fraction of assignments per expert, sums to 1
+    entropy_bits: float
+    max_over_mean: float
+    reuse_within: dict[int, float]  # window -> probability (nan: no token has that many successors)
+    mean_reuse_distance: float
+
+
+def popularity(ids_NK: np.ndarray, num_experts: int) -> tuple[np.ndarray, float, float]:
+    counts_E = np.bincount(ids_NK.reshape(-1).astype(np.int64), minlength=num_experts).astype(np.float64)
+    total = counts_E.sum()
+    if total == 0:
+        return counts_E, float("nan"), float("nan")
+    load_E = counts_E / total
+    nz = load_E[load_E > 0]
+    return load_E, float(-(nz * np.log2(nz)).sum()), float(counts_E.max() / counts_E.mean())
+
+
+def sequence_order(trace: RoutingTrace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token order by (sequence, position); each token's rank in its sequence; tokens after it."""
+    order = np.lexsort((trace.position, trace.seq_id))
+    seq = trace.seq_id[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(seq)) + 1] if len(seq) else np.zeros(0, np.int64)
+    lengths = np.diff(np.r_[starts, len(seq)])
+    rank = np.arange(len(seq)) - np.repeat(starts, lengths)
+    remaining = np.repeat(lengths, lengths) - 1 - rank
+    return order, rank, remaining
+
+
+def reuse(ids_NK: np.ndarray, seq_N: np.ndarray, rank_N: np.ndarray, remaining_N: np.ndarray,
+          windows=WINDOWS) -> tuple[dict[int, float], float]:
+    """Temporal locality of one layer; tokens already in (sequence, position) order."""
+    n, k = ids_NK.shape
+    expert = ids_NK.reshape(-1).astype(np.int64)
+    tok = np.repeat(np.arange(n), k)
+    order = np.lexsort((rank_N[tok], seq_N[tok], expert))  # pairs grouped by expert, then sequence, in time
+    e_s, s_s, r_s = expert[order], seq_N[tok][order], rank_N[tok][order]
+    distance = np.full(len(order), np.inf)
+    same = (e_s[1:] == e_s[:-1]) & (s_s[1:] == s_s[:-1])
+    distance[:-1][same] = (r_s[1:] - r_s[:-1])[same]
+    remaining = remaining_N[tok][order]
+    within = {}
+    for w in windows:
+        eligible = remaining >= w
+        within[w] = float((distance[eligible] <= w).mean()) if eligible.any() else float("nan")
+    finite = distance[np.isfinite(distance)]
+    return within, float(finite.mean()) if len(finite) else float("nan")
+
+
+def affinity(ids_l_NK: np.ndarray, ids_next_NK: np.ndarray, num_experts: int) -> np.ndarray:
+    """P(b at l+1 | a at l) as an [E, E] matrix (rows of never-chosen a are 0)."""
+    k = ids_l_NK.shape[1]
+    a = np.repeat(ids_l_NK.astype(np.int64), k, axis=1).reshape(-1)
+    b = np.tile(ids_next_NK.astype(np.int64), (1, k)).reshape(-1)
+    counts = np.bincount(a * num_experts + b, minlength=num_experts * num_experts).reshape(num_experts, num_experts)
+    rows = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+
+
+def top_mass(p_EE: np.ndarray, load_E: np.ndarray, m: int) -> float:
+    """The mass of each row's m largest entries, averaged over rows weighted by load_E."""
+    mass_E = -np.sort(-p_EE, axis=1)[:, :m].sum(axis=1)
+    return float((mass_E * load_E).sum() / load_E.sum()) if load_E.sum() else float("nan")
+
+
+@dataclass
+class TraceStats:
+    layers: list[LayerStats]
+    affinity: list[np.ndarray]  # per consecutive MoE-layer pair
+    affinity_mass: list[dict[int, float]]
+
+
+def analyze(trace: RoutingTrace) -> TraceStats:
+    order, rank, remaining = sequence_order(trace)
+    seq = trace.seq_id[order]
+    layers = []
+    for i, layer in enumerate(trace.moe_layers.tolist()):
+        ids_NK = trace.expert_ids[i][order]
+        load_E, entropy, max_mean = popularity(ids_NK, trace.num_experts)
+        within, distance = reuse(ids_NK, seq, rank, remaining)
+        layers.append(LayerStats(layer, load_E, entropy, max_mean, within, distance))
+    pairs = [affinity(trace.expert_ids[i], trace.expert_ids[i + 1], trace.num_experts)
+             for i in range(len(trace.moe_layers) - 1)]
+    masses = [{m: top_mass(p, layers[i].load_E, m) for m in TOP_MASSES} for i, p in enumerate(pairs)]
+    return TraceStats(layers, pairs, masses)
+
+
+def _fmt(v: float, digits: int = 3) -> str:
+    return "n/a" if np.isnan(v) else f"{v:.{digits}f}"
+
+
+def summary_markdown(trace: RoutingTrace, stats: TraceStats) -> str:
+    n_decode = int(trace.phase.sum())
+    E, K = trace.num_experts, trace.top_k
+    lines = [
+        f"# Routing trace: {trace.model_id}", "",
+        (f"{trace.num_tokens} tokens ({trace.num_tokens - n_decode} prefill, {n_decode} decode) in "
+         f"{len(np.unique(trace.seq_id))} sequences; {len(trace.moe_layers)} MoE layers of {trace.num_layers}, "
+         f"{E} experts, top-{K}."), "",
+        "## Expert popularity and temporal locality", "",
+        (f"Entropy in bits (uniform: {np.log2(E):.3f}); reuse: P(an expert chosen at token t is chosen again "
+         "within the next w tokens of the sequence); distance in tokens."), "",
+        ("| layer | entropy | max/mean | top expert load | " + " | ".join(f"reuse w={w}" for w in WINDOWS)
+         + " | mean reuse distance |"),
+        "|---|---|---|---|" + "---|" * len(WINDOWS) + "---|",
+    ]
+    for s in stats.layers:
+        lines.append(f"| {s.layer} | {_fmt(s.entropy_bits)} | {_fmt(s.max_over_mean)} | {_fmt(s.load_E.max())} | "
+                     + " | ".join(_fmt(s.reuse_within[w]) for w in WINDOWS) + f" | {_fmt(s.mean_reuse_distance, 2)} |")
+    if stats.affinity:
+        lines += ["", "## Inter-layer affinity", "",
+                  ("Mass of the m most likely experts at layer l+1 given one expert at layer l "
+                   f"(uniform routing: {', '.join(f'm={m}: {m / E:.3f}' for m in TOP_MASSES)})."), "",
+                  "| layers | " + " | ".join(f"top-{m} mass" for m in TOP_MASSES) + " |",
+                  "|---|" + "---|" * len(TOP_MASSES)]
+        moe = trace.moe_layers.tolist()
+        for i, mass in enumerate(stats.affinity_mass):
+            lines.append(f"| {moe[i]} -> {moe[i + 1]} | " + " | ".join(_fmt(mass[m]) for m in TOP_MASSES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(trace: RoutingTrace, out_dir: str | Path) -> list[Path]:
+    """summary.md plus popularity.png, locality.png and affinity.png in out_dir; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = analyze(trace)
+    paths = [out / "summary.md", out / "popularity.png", out / "locality.png"]
+    paths[0].write_text(summary_markdown(trace, stats))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in stats.layers:
+        ax.plot(np.arange(1, trace.num_experts + 1), np.sort(s.load_E)[::-1], label=f"layer {s.layer}", lw=1)
+    ax.axhline(1 / trace.num_experts, color="k", ls="--", lw=0.8, label="uniform")
+    ax.set(xlabel="expert rank", ylabel="share of assignments", title="Expert popularity (sorted load)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = np.arange(len(stats.layers))
+    for j, w in enumerate(WINDOWS):
+        ax.bar(x + (j - 1) * 0.27, [s.reuse_within[w] for s in stats.layers], 0.27, label=f"within {w}")
+    ax.set_xticks(x, [str(s.layer) for s in stats.layers])
+    ax.set(xlabel="MoE layer", ylabel="P(reused)", ylim=(0, 1), title="Temporal locality")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+
+    if stats.affinity:
+        paths.append(out / "affinity.png")
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        im = axes[0].imshow(stats.affinity[0], cmap="viridis", aspect="auto")
+        moe = trace.moe_layers.tolist()
+        axes[0].set(xlabel=f"expert at layer {moe[1]}", ylabel=f"expert at layer {moe[0]}", title="P(next | current)")
+        fig.colorbar(im, ax=axes[0])
+        for m in TOP_MASSES:
+            axes[1].plot([mass[m] for mass in stats.affinity_mass], marker="o", label=f"top-{m} mass")
+            axes[1].axhline(m / trace.num_experts, ls="--", lw=0.8, color="gray")
+        axes[1].set(xlabel="layer pair index", ylabel="mass", ylim=(0, 1), title="Inter-layer affinity")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(paths[3], dpi=120)
+        plt.close(fig)
+    return paths

@@ -123,7 +123,7 @@ def test_refill_without_reader_event_is_caught(qwen3):
     executor = llm.engine.executor
 
     def forget_readers(layer, experts):  # the readers happen, but the pool forgets them
-        engine.mark_read([executor.pool.slot_bytes_S[executor.pool.slot_of[ExpertId(layer, e)]] for e in experts])
+        engine.mark_read([executor.pool.slot_bytes_S[executor.planner.slot_of[ExpertId(layer, e)]] for e in experts])
 
     executor._mark_read = forget_readers
     llm.score(PROMPTS[1])
@@ -155,11 +155,11 @@ def test_needed_experts_are_never_evicted(slots, policy, steps):
     for layer, needed in steps:
         remaining = sorted(needed)
         while remaining:
-            resident_hits = {e for e in remaining if ExpertId(layer, e) in executor.pool.slot_of}
+            resident_hits = {e for e in remaining if ExpertId(layer, e) in executor.planner.slot_of}
             round_experts = executor._load_round(layer, remaining)
             assert round_experts, "every round makes progress"
             assert resident_hits <= set(round_experts)  # hits are never evicted to make room
-            held = [executor.pool.slot_of.get(ExpertId(layer, e)) for e in round_experts]
+            held = [executor.planner.slot_of.get(ExpertId(layer, e)) for e in round_experts]
             assert None not in held and len(set(held)) == len(held)
             executor._mark_read(layer, round_experts)
             remaining = [e for e in remaining if e not in round_experts]

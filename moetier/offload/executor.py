@@ -23,6 +23,7 @@ from moetier.moe.grouped import GEMV_MAX_TOKENS, gemv_experts
 from moetier.moe.router import Routing
 from moetier.offload.cache import EvictionPolicy, make_policy
 from moetier.offload.copy_engine import CopyEngine, make_copy_engine
+from moetier.offload.planner import SlotPlanner
 from moetier.offload.slots import SlotPool
 from moetier.offload.store import ExpertStore
 
@@ -38,10 +39,11 @@ class OffloadedExecutor:
         self.moe_layers = tuple(model_spec.moe_layer_ids)
         self.store = ExpertStore(self.layout, self.moe_layers, self.spec.num_experts)
         self.pool = SlotPool(num_slots, self.layout, self.moe_layers, self.spec.num_experts, device)
-        self.policy = (
+        policy = (
             eviction if isinstance(eviction, EvictionPolicy)
             else make_policy(eviction, num_slots, self.moe_layers, self.spec.num_experts, self.spec.top_k)
         )
+        self.planner = SlotPlanner(num_slots, policy)
         self.copy_engine = copy_engine or make_copy_engine(device)
         self.kernel, self.gemv = expert_kernels(self.spec, dtype, device)
         self.hits: Counter[int] = Counter()
@@ -55,8 +57,7 @@ class OffloadedExecutor:
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         needed = torch.unique(routing.topk_ids_TK).tolist()  # the one host sync of the layer
-        for e in needed:
-            self.policy.access(ExpertId(layer, e))
+        self.planner.access(layer, needed)
         round_experts = self._load_round(layer, needed)
         if len(round_experts) == len(needed):
             y_TD = self._compute_all(layer, x_TD, routing)
@@ -77,41 +78,27 @@ class OffloadedExecutor:
 
     def _load_round(self, layer: int, experts: list[int]) -> list[int]:
         """Makes as many of `experts` resident as fit beside the hits; returns them (sorted)."""
-        pool = self.pool
-        hits = [e for e in experts if ExpertId(layer, e) in pool.slot_of]
-        protected = {ExpertId(layer, e) for e in hits}
-        loaded = []
-        for e in experts:
+        hits, loads = self.planner.plan_round(layer, experts)
+        for e, slot, evicted in loads:
             expert = ExpertId(layer, e)
-            if expert in protected:
-                continue
-            slot = pool.free_slot()
-            if slot is None:
-                evictable = [held for held in pool.holder if held is not None and held not in protected]
-                victim = self.policy.victim(evictable)
-                if victim is None:
-                    break
-                slot = pool.slot_of[victim]
-            filled = self.copy_engine.copy(pool.slot_bytes_S[slot], self.store.buffers[expert], pool.last_read[slot])
-            pool.assign(slot, expert, filled)
-            protected.add(expert)
-            loaded.append(e)
+            filled = self.copy_engine.copy(self.pool.slot_bytes_S[slot], self.store.buffers[expert], self.pool.last_read[slot])
+            self.pool.assign(slot, expert, evicted, filled)
             self.bytes_copied += self.layout.slot_bytes
         self.hits[layer] += len(hits)
-        self.misses[layer] += len(loaded)
-        round_experts = sorted(hits + loaded)
+        self.misses[layer] += len(loads)
+        round_experts = sorted(hits + [e for e, _, _ in loads])
         self._wait_for_copies(layer, round_experts)
         return round_experts
 
     def _wait_for_copies(self, layer: int, experts: list[int]) -> None:
         for e in experts:
-            slot = self.pool.slot_of[ExpertId(layer, e)]
+            slot = self.planner.slot_of[ExpertId(layer, e)]
             if self.pool.filled[slot] is not None:
                 self.copy_wait_s += self.copy_engine.wait(self.pool.filled[slot])
                 self.pool.filled[slot] = None
 
     def _mark_read(self, layer: int, experts: list[int]) -> None:
-        slots = [self.pool.slot_of[ExpertId(layer, e)] for e in experts]
+        slots = [self.planner.slot_of[ExpertId(layer, e)] for e in experts]
         event = self.copy_engine.mark_read([self.pool.slot_bytes_S[s] for s in slots])
         for slot in slots:
             self.pool.last_read[slot] = event

@@ -1,6 +1,7 @@
-"""SlotPool: the GPU tier. One ExpertBank of S slots shared by every MoE layer, which expert each
-slot holds (host mirror for planning, per-layer expert -> slot tables on the device for dispatch),
-and per slot the events that order refills: the copy that filled it and the last kernel that read it.
+"""SlotPool: the GPU tier. One ExpertBank of S slots shared by every MoE layer, the per-layer
+expert -> slot tables on the device for dispatch (with their host mirrors), and per slot the
+events that order refills: the copy that filled it and the last kernel that read it. Which expert
+goes where is decided by the SlotPlanner (offload/planner.py).
 """
 
 import torch
@@ -16,8 +17,6 @@ class SlotPool:
             raise ValueError("the slot pool needs at least one slot")
         self.bank = ExpertBank(num_slots, layout, device)
         self.slot_bytes_S = list(self.bank.bytes_SB.unbind(0))  # one packed destination per slot
-        self.holder: list[ExpertId | None] = [None] * num_slots  # host mirror: slot -> expert
-        self.slot_of: dict[ExpertId, int] = {}  # host mirror: expert -> slot
         self.host_tables = {layer: torch.full((num_experts,), -1, dtype=torch.int64) for layer in moe_layers}
         self.tables = {layer: torch.full((num_experts,), -1, dtype=torch.int64, device=device) for layer in moe_layers}
         self.last_read: list[Event | None] = [None] * num_slots
@@ -28,18 +27,11 @@ class SlotPool:
     def num_slots(self) -> int:
         return self.bank.num_slots
 
-    def free_slot(self) -> int | None:
-        return next((slot for slot, expert in enumerate(self.holder) if expert is None), None)
-
-    def assign(self, slot: int, expert: ExpertId, filled: Event) -> None:
-        """Records that `slot` now holds `expert` (its copy completes at `filled`), evicting any holder."""
-        old = self.holder[slot]
-        if old is not None:
-            del self.slot_of[old]
-            self.host_tables[old.layer][old.expert] = -1
-            self._dirty.add(old.layer)
-        self.holder[slot] = expert
-        self.slot_of[expert] = slot
+    def assign(self, slot: int, expert: ExpertId, evicted: ExpertId | None, filled: Event) -> None:
+        """Records that `slot` now holds `expert` instead of `evicted`; its copy completes at `filled`."""
+        if evicted is not None:
+            self.host_tables[evicted.layer][evicted.expert] = -1
+            self._dirty.add(evicted.layer)
         self.host_tables[expert.layer][expert.expert] = slot
         self._dirty.add(expert.layer)
         self.filled[slot] = filled

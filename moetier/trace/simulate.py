@@ -1,7 +1,7 @@
 """Replays a routing trace through the runtime's eviction policies (`moetier trace simulate`).
 
 The policies are the objects of moetier.offload.cache, built by the same `make_policy` the
-OffloadedExecutor uses; the pool follows the executor's rules (offload/executor.py):
+OffloadedExecutor uses, and slots are planned by the executor's own SlotPlanner (offload/planner.py):
 - one pool of S slots shared by every MoE layer, S = round(fraction * layers * experts), at least 1;
 - per (step, MoE layer) the needed experts are the distinct ids the step's tokens chose; the policy
   sees `access` for each of them (ascending) before any slot is planned;
@@ -29,6 +29,7 @@ import numpy as np
 
 from moetier.moe.experts import ExpertId
 from moetier.offload.cache import EvictionPolicy, make_policy
+from moetier.offload.planner import SlotPlanner
 from moetier.trace.format import DECODE, PREFILL, RoutingTrace
 
 BELADY = "belady"
@@ -67,46 +68,20 @@ class Belady(EvictionPolicy):
         return max(candidates, key=next_use, default=None)
 
 
-class SimulatedPool:
-    """The OffloadedExecutor's slot bookkeeping without tensors: which expert holds which slot."""
-
-    def __init__(self, num_slots: int, policy: EvictionPolicy):
-        self.holder: list[ExpertId | None] = [None] * num_slots
-        self.slot_of: dict[ExpertId, int] = {}
-        self.policy = policy
-        self.hits = self.misses = 0
-
-    def run_layer(self, layer: int, needed: list[int]) -> None:
-        for e in needed:
-            self.policy.access(ExpertId(layer, e))
+def _replay(planner: SlotPlanner, events) -> tuple[int, int]:
+    """(hits, misses) of the runtime's slot planning over the trace's per-layer step events."""
+    hits = misses = 0
+    for layer, needed in events:
+        planner.access(layer, needed)
         remaining = needed
         while remaining:
-            done = set(self._load_round(layer, remaining))
-            if not done:
+            round_hits, loads = planner.plan_round(layer, remaining)
+            if not round_hits and not loads:
                 raise RuntimeError("no expert could be made resident (the pool has no slot)")
+            hits, misses = hits + len(round_hits), misses + len(loads)
+            done = set(round_hits) | {e for e, _, _ in loads}
             remaining = [e for e in remaining if e not in done]
-
-    def _load_round(self, layer: int, experts: list[int]) -> list[int]:
-        hits = [e for e in experts if ExpertId(layer, e) in self.slot_of]
-        protected = {ExpertId(layer, e) for e in hits}
-        loaded = []
-        for e in experts:
-            expert = ExpertId(layer, e)
-            if expert in protected:
-                continue
-            slot = next((s for s, held in enumerate(self.holder) if held is None), None)
-            if slot is None:
-                victim = self.policy.victim([h for h in self.holder if h is not None and h not in protected])
-                if victim is None:
-                    break
-                slot = self.slot_of.pop(victim)
-            self.holder[slot] = expert
-            self.slot_of[expert] = slot
-            protected.add(expert)
-            loaded.append(e)
-        self.hits += len(hits)
-        self.misses += len(loaded)
-        return hits + loaded
+    return hits, misses
 
 
 @dataclass
@@ -135,10 +110,7 @@ def simulate(trace: RoutingTrace, policy: str, num_slots: int, events=None) -> t
         chosen: EvictionPolicy = Belady(events)
     else:
         chosen = make_policy(policy, num_slots, tuple(trace.moe_layers.tolist()), trace.num_experts, trace.top_k)
-    pool = SimulatedPool(num_slots, chosen)
-    for layer, needed in events:
-        pool.run_layer(layer, needed)
-    return pool.hits, pool.misses
+    return _replay(SlotPlanner(num_slots, chosen), events)
 
 
 def select_phase(trace: RoutingTrace, phase: str) -> RoutingTrace:

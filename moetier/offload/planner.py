@@ -1,0 +1,47 @@
+"""SlotPlanner: which expert holds which GPU slot, and what a layer's step must load where.
+
+Pure host bookkeeping, shared by the OffloadedExecutor (which then issues the copies) and
+`moetier trace simulate` (which only counts), so a simulated policy behaves exactly as it would
+at run time. Rules: experts the current round needs are never evicted; a miss takes a free slot,
+else the policy's victim among the other holders; when nothing can be evicted the round ends and
+the rest of the layer's experts go to the next round.
+"""
+
+from moetier.moe.experts import ExpertId
+from moetier.offload.cache import EvictionPolicy
+
+
+class SlotPlanner:
+    def __init__(self, num_slots: int, policy: EvictionPolicy):
+        if num_slots < 1:
+            raise ValueError("the slot pool needs at least one slot")
+        self.policy = policy
+        self.holder: list[ExpertId | None] = [None] * num_slots  # slot -> expert
+        self.slot_of: dict[ExpertId, int] = {}  # expert -> slot
+
+    def access(self, layer: int, experts: list[int]) -> None:
+        for e in experts:
+            self.policy.access(ExpertId(layer, e))
+
+    def plan_round(self, layer: int, experts: list[int]) -> tuple[list[int], list[tuple[int, int, ExpertId | None]]]:
+        """Makes as many of `experts` resident as fit beside the hits: (hits, loads), each load being
+        (expert, slot, evicted expert or None). The bookkeeping is updated as if the loads were done."""
+        hits = [e for e in experts if ExpertId(layer, e) in self.slot_of]
+        protected = {ExpertId(layer, e) for e in hits}
+        loads = []
+        for e in experts:
+            expert = ExpertId(layer, e)
+            if expert in protected:
+                continue
+            slot = next((s for s, held in enumerate(self.holder) if held is None), None)
+            evicted = None
+            if slot is None:
+                evicted = self.policy.victim([h for h in self.holder if h is not None and h not in protected])
+                if evicted is None:
+                    break
+                slot = self.slot_of.pop(evicted)
+            self.holder[slot] = expert
+            self.slot_of[expert] = slot
+            protected.add(expert)
+            loads.append((e, slot, evicted))
+        return hits, loads

@@ -93,6 +93,19 @@ class Tokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=True)
 
+    def decode_increment(
+        self, token_ids: list[int], prefix_offset: int, read_offset: int, final: bool = False
+    ) -> tuple[str, int, int]:
+        """Text that token_ids[read_offset:] adds, decoding only a short window (O(1) per token):
+        the new tokens are decoded together with the previous chunk, token_ids[prefix_offset:read_offset],
+        and what that chunk alone decodes to is cut off. Waits while the text ends in an incomplete
+        UTF-8 sequence unless final. Returns (new text, new prefix_offset, new read_offset)."""
+        prefix_text = self.decode(token_ids[prefix_offset:read_offset])
+        full_text = self.decode(token_ids[prefix_offset:])
+        if len(full_text) > len(prefix_text) and (final or not full_text.endswith("\ufffd")):
+            return full_text[len(prefix_text) :], read_offset, len(token_ids)
+        return "", prefix_offset, read_offset
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:
             raise MoetierError("this model has no chat template (chat_template.jinja or tokenizer_config.json)")

@@ -71,9 +71,6 @@ class Engine:
             raise MoetierError(f"{self.source.model_dir} has no tokenizer.json: give prompts as token ids")
         return self.tokenizer
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
-
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         ids = self.require_tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -154,19 +151,30 @@ class Engine:
     def _update_text_and_finish(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
         can_stop = len(seq.output_ids) >= params.min_tokens
-        text = self.decode(seq.output_ids)
-        if can_stop:
-            hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
+        seq.text += self._detokenize(seq)
+        if can_stop and params.stop:
+            hits = [i for i in (seq.text.find(s, seq.stop_search_from) for s in params.stop) if i >= 0]
             if hits:
-                seq.text = text[: min(hits)]
+                seq.text = seq.text[: min(hits)]
                 return "stop"
-        seq.text = text
+            seq.stop_search_from = max(0, len(seq.text) - max(len(s) for s in params.stop) + 1)
         eos = not params.ignore_eos and token in self.stop_token_ids
+        reason = None
         if can_stop and (eos or token in params.stop_token_ids):
-            return "stop"
-        if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.resolved.max_model_len:
-            return "length"
-        return None
+            reason = "stop"
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.resolved.max_model_len:
+            reason = "length"
+        if reason:
+            seq.text += self._detokenize(seq, final=True)  # a trailing incomplete character, if any
+        return reason
+
+    def _detokenize(self, seq: Sequence, final: bool = False) -> str:
+        if self.tokenizer is None:
+            return ""
+        new_text, seq.detok_prefix, seq.detok_read = self.tokenizer.decode_increment(
+            seq.output_ids, seq.detok_prefix, seq.detok_read, final
+        )
+        return new_text
 
     def _emit(self, seq: Sequence) -> str:
         """New text safe to stream: holds back a possible stop-string prefix and partial UTF-8."""

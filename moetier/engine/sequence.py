@@ -24,6 +24,9 @@ class Sequence:
     finish_reason: str | None = None
     text: str = ""  # detokenized output, stop strings cut
     emitted_chars: int = 0  # how much of `text` has been streamed
+    detok_prefix: int = 0  # incremental detokenization window over output_ids: [prefix, read) decoded last
+    detok_read: int = 0
+    stop_search_from: int = 0  # stop strings can only start at or after this index of `text`
     logprobs: list[dict] = field(default_factory=list)
 
     @property

@@ -27,9 +27,9 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights")
     g.add_argument("--expert-slots", type=int, help="offload routed experts to host memory and cache them in "
                    "this many device slots shared by all MoE layers (default: every expert resident)")
-    g.add_argument("--eviction", default="lru", choices=["lru", "lfu", "static"],
+    g.add_argument("--eviction", default="lru", choices=["lru", "lfu", "static", "layer"],
                    help="with --expert-slots: which cached expert gives up its slot (static pins the first "
-                   "slots - top_k experts)")
+                   "slots - top_k experts; layer evicts the experts whose layer comes round again last)")
     g.add_argument("--gpu-memory", help="device memory budget, e.g. 24GiB or 40GB: weights, KV cache, a reserve "
                    "and as many expert slots as fit (offloading only when not every expert fits; with "
                    "--expert-slots: checks that they fit)")
@@ -120,7 +120,7 @@ def _add_trace_parser(sub) -> None:
     sim.add_argument("trace", help="a .npz trace from `moetier trace record`")
     sim.add_argument("--cache-fraction", default="0.1,0.25,0.5",
                      help="device slots as fractions of all routed experts, comma-separated")
-    sim.add_argument("--policy", default="lru,lfu,static", help="eviction policies, comma-separated")
+    sim.add_argument("--policy", default="lru,lfu,static,layer", help="eviction policies, comma-separated")
     sim.add_argument("--phase", default="all", choices=["all", "prefill", "decode"], help="tokens to replay")
     sim.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
 

@@ -1,7 +1,6 @@
 """Eviction policies: which resident expert gives up its GPU slot.
 
-One small interface, driven by the runtime (OffloadedExecutor) and, later, by the routing-trace
-simulator: `access` records that an expert was used; `victim` picks one of the evictable experts
+One small interface, driven by the runtime (OffloadedExecutor) and by the routing-trace simulator: `access` records that an expert was used; `victim` picks one of the evictable experts
 (the caller never offers an expert the current layer needs), or None if the policy will evict none
 of them. Policies see expert ids only, never slots or tensors.
 """
@@ -66,6 +65,32 @@ class StaticPinning(EvictionPolicy):
         return self.lru.victim([e for e in candidates if e not in self.pinned])
 
 
+class LayerAware(EvictionPolicy):
+    """For layer sweeps, where every token visits the MoE layers in order: evicts the candidate whose
+    layer comes round again last (the layers just behind the current one, the current layer's own
+    unneeded experts first), the least recently used within a layer. LRU keeps exactly the wrong
+    experts when the pool holds less than one sweep's worth: the ones used longest ago are needed next."""
+
+    def __init__(self, moe_layers: Iterable[int]):
+        self.position = {layer: i for i, layer in enumerate(moe_layers)}
+        self.current: int | None = None
+        self.lru = LRU()
+
+    def access(self, expert: ExpertId) -> None:
+        self.current = self.position[expert.layer]
+        self.lru.access(expert)
+
+    def victim(self, candidates: Collection[ExpertId]) -> ExpertId | None:
+        if self.current is None:
+            return self.lru.victim(candidates)
+        num_layers = len(self.position)
+
+        def layers_until_needed(e: ExpertId) -> int:  # 0: the next layer of the sweep
+            return (self.position[e.layer] - self.current - 1) % num_layers
+
+        return max(candidates, key=lambda e: (layers_until_needed(e), -self.lru.last_use.get(e, 0), e), default=None)
+
+
 def first_experts(moe_layers: Iterable[int], num_experts: int, count: int) -> list[ExpertId]:
     """The first `count` experts in (layer, expert) order."""
     every = (ExpertId(layer, e) for layer in moe_layers for e in range(num_experts))
@@ -78,8 +103,9 @@ def make_policy(name: str, num_slots: int, moe_layers: tuple[int, ...], num_expe
         "lru": LRU,
         "lfu": LFU,
         "static": lambda: StaticPinning(first_experts(moe_layers, num_experts, num_slots - top_k)),
+        "layer": lambda: LayerAware(moe_layers),
     }
     return makers[name]()
 
 
-POLICY_NAMES = ("lru", "lfu", "static")
+POLICY_NAMES = ("lru", "lfu", "static", "layer")

@@ -123,6 +123,21 @@ def _add_trace_parser(sub) -> None:
     sim.add_argument("--policy", default="lru,lfu,static,layer", help="eviction policies, comma-separated")
     sim.add_argument("--phase", default="all", choices=["all", "prefill", "decode"], help="tokens to replay")
     sim.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    syn = tsub.add_parser("synth", help="a seeded synthetic routing trace (uniform, lognormal, markov, hotspot)")
+    syn.add_argument("--kind", required=True, choices=["uniform", "lognormal", "markov", "hotspot"])
+    syn.add_argument("--layers", type=int, help="MoE layers (default: the --fit trace's)")
+    syn.add_argument("--experts", type=int, help="routed experts per layer (default: the --fit trace's)")
+    syn.add_argument("--top-k", type=int, help="experts per token (default: the --fit trace's)")
+    syn.add_argument("--tokens", type=int, help="tokens to generate (default: the --fit trace's, else 4096)")
+    syn.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--fit", help="a donor .npz trace: its shape, and for lognormal/markov fitted parameters")
+    syn.add_argument("--sigma", type=float, help="lognormal/markov: log-popularity spread")
+    syn.add_argument("--concentration", type=float, help="markov: inter-layer affinity strength")
+    syn.add_argument("--hot-experts", type=int, help="hotspot: size of the popular set")
+    syn.add_argument("--hot-prob", type=float, help="hotspot: share of the weight on the popular set")
+    syn.add_argument("--period", type=int, help="hotspot: tokens between rotations of the popular set")
+    syn.add_argument("--out", required=True, help="the .npz trace to write")
 
 
 def _engine_options(args) -> dict:
@@ -353,7 +368,8 @@ def _eval_ppl(args) -> None:
 
 
 def _trace(args) -> None:
-    {"record": _trace_record, "analyze": _trace_analyze, "simulate": _trace_simulate}[args.trace_command](args)
+    {"record": _trace_record, "analyze": _trace_analyze, "simulate": _trace_simulate,
+     "synth": _trace_synth}[args.trace_command](args)
 
 
 def _trace_record(args) -> None:
@@ -424,6 +440,43 @@ def _trace_simulate(args) -> None:
         print(json.dumps([dict(vars(r), hit_rate=r.hit_rate) for r in results], indent=1))
     else:
         print(results_markdown(trace, results), end="")
+
+
+def _trace_synth(args) -> None:
+    import json
+
+    from moetier.trace.format import load_trace
+    from moetier.trace.synthetic import FITTABLE, fit, generate, generate_like
+
+    flags = {"sigma": args.sigma, "concentration": args.concentration, "hot_experts": args.hot_experts,
+             "hot_prob": args.hot_prob, "period": args.period}
+    allowed = {"uniform": (), "lognormal": ("sigma",), "markov": ("sigma", "concentration"),
+               "hotspot": ("hot_experts", "hot_prob", "period")}[args.kind]
+    wrong = [k for k, v in flags.items() if v is not None and k not in allowed]
+    if wrong:
+        raise MoetierError(f"--kind {args.kind} takes no --{', --'.join(w.replace('_', '-') for w in wrong)}")
+    params = {k: v for k, v in flags.items() if v is not None}
+    if args.fit:
+        donor = load_trace(args.fit)
+        if args.kind in FITTABLE:
+            params = {**fit(args.kind, donor, seed=args.seed), **params}
+        layers = args.layers or len(donor.moe_layers)
+        experts, top_k = args.experts or donor.num_experts, args.top_k or donor.top_k
+        tokens = args.tokens if args.tokens is not None else donor.num_tokens
+        if (layers, experts, top_k) == (len(donor.moe_layers), donor.num_experts, donor.top_k):
+            trace = generate_like(args.kind, donor, tokens, seed=args.seed, seq_len=args.seq_len, **params)
+        else:
+            trace = generate(args.kind, layers, experts, top_k, tokens, seed=args.seed, seq_len=args.seq_len,
+                             **params)
+    else:
+        if not (args.layers and args.experts and args.top_k):
+            raise MoetierError("trace synth: give --layers, --experts and --top-k, or --fit a donor trace")
+        trace = generate(args.kind, args.layers, args.experts, args.top_k,
+                         4096 if args.tokens is None else args.tokens, seed=args.seed, seq_len=args.seq_len,
+                         **params)
+    trace.save(args.out)
+    print(f"{trace.num_tokens} tokens, {len(trace.moe_layers)} layers x {trace.num_experts} experts top-{trace.top_k}, "
+          f"{args.kind} {json.dumps(params, sort_keys=True)} -> {args.out}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

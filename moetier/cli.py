@@ -76,6 +76,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-len", type=int, default=512, help="prompt tokens of each decode request")
     bench.add_argument("--output-len", type=int, default=128, help="new tokens of each decode request")
     bench.add_argument("--prefill-lens", default="512,2048", help="single-prompt prefill lengths, comma-separated")
+    bench.add_argument("--routing", default="router", help="router (the model's own), replay:TRACE.npz (a trace "
+                       "of the same routing shape, cycled) or synthetic:uniform|lognormal|markov|hotspot")
     sub.add_parser("calibrate", help="measure copy and memory bandwidths of this machine; saves a profile")
     fit = sub.add_parser("fit", help="from config.json alone: the memory plan for a GPU budget (expert slots, "
                          "resident or offloaded) and a decode roofline")
@@ -250,6 +252,10 @@ def _bench(args) -> None:
     start = time.perf_counter()
     llm = LLM(args.model, **options)
     load_seconds = time.perf_counter() - start
+    if args.routing != "router":
+        from moetier.trace.replay import replay_routing, routing_trace_for
+
+        replay_routing(llm.engine, routing_trace_for(llm.engine, args.routing))
     bandwidth = load_or_calibrate().get("device_copy_gbps") if llm.engine.resolved.device.type == "cuda" else None
     report = run_bench(llm, batch_sizes, args.prompt_len, args.output_len, prefill_lens, bandwidth, load_seconds)
     print(json.dumps(report, indent=1))

@@ -50,6 +50,10 @@ class Runner:
             if isinstance(module, MoELayer):
                 module.observer = recorder
         self.recorder = recorder
+        self.recapture_graphs()
+
+    def recapture_graphs(self) -> None:
+        """After the model's step changed (an observer or a routing override was attached)."""
         if self.graphs is not None:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, *self._graph_args)
 

@@ -22,6 +22,8 @@ class MoELayer(torch.nn.Module):
         self.executor = executor
         self.gate = Router(spec.router, hidden_size)
         self.observer: RoutingObserver | None = None  # e.g. the trace recorder
+        # Replaces the router's decision (the router still runs), e.g. replayed trace routing.
+        self.routing_override: Callable[[int, Routing], Routing] | None = None
         if spec.shared_intermediate_size:
             self.shared_expert = DenseMLP(hidden_size, spec.shared_intermediate_size)
         if spec.shared_gate:
@@ -29,6 +31,8 @@ class MoELayer(torch.nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         routing = self.gate(x_TD)
+        if self.routing_override is not None:
+            routing = self.routing_override(self.layer, routing)
         if self.observer is not None:
             self.observer(self.layer, routing)
         y_TD = self.executor.run(self.layer, x_TD, routing)

@@ -60,6 +60,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", parents=parents, help="complete a prompt, streaming to the terminal")
     gen.add_argument("prompt", help="the text to continue")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--stats", action="store_true", help="print the expert cache's counters afterwards (stderr)")
     sub.add_parser("chat", parents=parents, help="interactive chat with the model's chat template")
     srv = sub.add_parser("serve", parents=[_engine_flags()], help="OpenAI-compatible HTTP server "
                          "(/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)")
@@ -185,11 +186,31 @@ def _generate(args) -> None:
     params = _sampling_params(args)
     llm = LLM(args.model, **_engine_options(args))
     if args.chat:
-        llm.chat([{"role": "user", "content": args.prompt}], params, on_output=_print_delta)
+        [output] = llm.chat([{"role": "user", "content": args.prompt}], params, on_output=_print_delta)
     else:
         sys.stdout.write(args.prompt)
-        llm.generate(args.prompt, params, on_output=_print_delta)
+        [output] = llm.generate(args.prompt, params, on_output=_print_delta)
     sys.stdout.write("\n")
+    if args.stats:
+        print(stats_table(llm.stats(), len(output.prompt_token_ids) + len(output.token_ids)), file=sys.stderr)
+
+
+def stats_table(stats: dict, tokens: int) -> str:
+    """The expert executor's counters as a small table; per token over every token the model computed."""
+    if stats.get("executor") != "offloaded":
+        return "experts: resident (every expert on the device; nothing copied)"
+    per_token = max(tokens, 1)
+    lines = [
+        f"experts: offloaded, {stats['num_slots']} device slots of {stats['slot_bytes'] / 2**20:.2f} MiB",
+        f"hit rate {stats['hit_rate']:.3f} ({stats['hits']} hits, {stats['misses']} misses) over {tokens} tokens",
+        f"host-to-device {stats['bytes_copied'] / 2**20:.1f} MiB ({stats['bytes_copied'] / per_token / 2**20:.2f} MiB/token), "
+        f"copy wait {stats['copy_wait_s'] * 1e3:.1f} ms ({stats['copy_wait_s'] * 1e3 / per_token:.3f} ms/token)",
+        "layer  hits  misses  hit rate",
+    ]
+    for layer, counts in stats["layers"].items():
+        total = counts["hits"] + counts["misses"]
+        lines.append(f"{layer:>5}  {counts['hits']:>4}  {counts['misses']:>6}  {counts['hits'] / total if total else 0:.3f}")
+    return "\n".join(lines)
 
 
 def _chat(args) -> None:

@@ -25,3 +25,12 @@ def test_every_command_explains_its_flags(command, capsys):
     assert f"moetier {command}" in out and "--help" in out
     if command in ("generate", "chat", "serve", "bench", "eval-ppl"):
         assert "--model" in out and "--max-model-len" in out and "--gpu-memory" in out
+
+
+def test_generate_stats_table_for_offloaded_experts(capsys):
+    assert main(["generate", "def f(x):", "--max-tokens", "6", "--expert-slots", "10", "--stats"]) == 0
+    err = capsys.readouterr().err
+    assert "experts: offloaded, 10 device slots" in err and "hit rate" in err
+    layer_rows = [line.split() for line in err.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert [int(row[0]) for row in layer_rows] == list(range(8))  # the default model's 8 MoE layers
+    assert all(int(row[1]) + int(row[2]) > 0 for row in layer_rows)

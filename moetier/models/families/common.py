@@ -1,7 +1,7 @@
 """Config-reading helpers shared by the family readers."""
 
 from moetier.errors import CheckpointError
-from moetier.models.spec import RopeSpec
+from moetier.models.spec import AttentionSpec, RopeSpec
 
 
 def require(cfg: dict, key: str):
@@ -62,3 +62,18 @@ def layer_windows(cfg: dict, num_layers: int) -> list[int | None]:
     if cfg.get("use_sliding_window") is False:
         return [None] * num_layers
     return [window or None] * num_layers
+
+
+def gqa_attention(cfg: dict, **options) -> AttentionSpec:
+    """The GQA block's spec from the usual config keys; options set the family's switches
+    (biases, q/k norm, clipping, sinks)."""
+    dim = head_dim(cfg)
+    return AttentionSpec(
+        kind="gqa",
+        num_heads=require(cfg, "num_attention_heads"),
+        num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        head_dim=dim,
+        rope=read_rope(cfg, dim),
+        softmax_scale=dim**-0.5,
+        **options,
+    )

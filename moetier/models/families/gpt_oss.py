@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from moetier.errors import CheckpointError, UnsupportedModelError
-from moetier.models.families.common import checkpoint_dtype, head_dim, read_rope, require, require_any
+from moetier.models.families.common import checkpoint_dtype, gqa_attention, require, require_any
 from moetier.models.family import ExpertTensor, Family
-from moetier.models.spec import AttentionSpec, LayerSpec, ModelSpec, MoESpec, RouterSpec
+from moetier.models.spec import LayerSpec, ModelSpec, MoESpec, RouterSpec
 from moetier.quant.mxfp4 import dequantize_mxfp4
 
 _DEFAULT_ROPE = {  # transformers' GptOssConfig defaults, for configs that give no rope settings
@@ -48,23 +48,12 @@ def _read(cfg: dict) -> ModelSpec:
     if quant not in (None, "mxfp4"):
         raise UnsupportedModelError(f"GPT-OSS checkpoints quantized with '{quant}' are not supported (mxfp4 is)")
     num_layers = require(cfg, "num_hidden_layers")
-    dim = head_dim(cfg)
     if not (cfg.get("rope_parameters") or cfg.get("rope_scaling")):
         cfg = cfg | {"rope_parameters": _DEFAULT_ROPE | {"rope_theta": cfg.get("rope_theta", _DEFAULT_THETA)}}
     elif not cfg.get("rope_parameters") and "rope_theta" not in cfg:
         cfg = cfg | {"rope_theta": _DEFAULT_THETA}
     bias = bool(cfg.get("attention_bias", True))
-    attention = AttentionSpec(
-        kind="gqa",
-        num_heads=require(cfg, "num_attention_heads"),
-        num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        head_dim=dim,
-        rope=read_rope(cfg, dim),
-        softmax_scale=dim**-0.5,
-        qkv_bias=bias,
-        o_bias=bias,
-        sinks=True,
-    )
+    attention = gqa_attention(cfg, qkv_bias=bias, o_bias=bias, sinks=True)
     router = RouterSpec(
         num_experts=require_any(cfg, "num_local_experts", "num_experts"),
         top_k=require_any(cfg, "num_experts_per_tok", "experts_per_token"),

@@ -3,27 +3,21 @@
 They differ only in config keys and a few switches, so one reader serves all four.
 """
 
-from moetier.models.families.common import checkpoint_dtype, head_dim, layer_windows, read_rope, require, require_any
+from moetier.models.families.common import checkpoint_dtype, gqa_attention, layer_windows, require, require_any
 from moetier.models.family import Family
-from moetier.models.spec import AttentionSpec, LayerSpec, ModelSpec, MoESpec, RouterSpec
+from moetier.models.spec import LayerSpec, ModelSpec, MoESpec, RouterSpec
 
 
 def _read(cfg: dict, family: str) -> ModelSpec:
     num_layers = require(cfg, "num_hidden_layers")
-    dim = head_dim(cfg)
     bias = {
         "mixtral": (False, False),
         "qwen2_moe": (cfg.get("qkv_bias", True), False),
         "qwen3_moe": (cfg.get("attention_bias", False),) * 2,
         "olmoe": (cfg.get("attention_bias", False),) * 2,
     }[family]
-    attention = AttentionSpec(
-        kind="gqa",
-        num_heads=require(cfg, "num_attention_heads"),
-        num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        head_dim=dim,
-        rope=read_rope(cfg, dim),
-        softmax_scale=dim**-0.5,
+    attention = gqa_attention(
+        cfg,
         qkv_bias=bias[0],
         o_bias=bias[1],
         qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family, "none"),

@@ -59,6 +59,7 @@ class ResolvedConfig:
     num_kv_blocks: int
     expert_slots: int | None = None  # None: every expert resident
     memory_plan: MemoryPlan | None = None  # with gpu_memory
+    host_experts: int | None = None  # with cpu_memory: experts in host memory, the rest on disk
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -95,7 +96,7 @@ def resolve(config: EngineConfig, model_dir: Path, spec: ModelSpec) -> ResolvedC
     blocks_per_seq = -(-max_model_len // config.block_size)
     plan, expert_slots = resolve_expert_slots(config, spec, dtype, max_model_len)
     resolved = ResolvedConfig(model_dir, dtype, device, max_model_len, blocks_per_seq * config.max_num_seqs,
-                              expert_slots, plan)
+                              expert_slots, plan, plan.host_experts if plan is not None else None)
     log.info(
         "resolved: model=%s dtype=%s device=%s max_model_len=%d kv_blocks=%d x %d tokens expert_slots=%s",
         model_dir, str(dtype).removeprefix("torch."), device, max_model_len, resolved.num_kv_blocks, config.block_size,
@@ -110,8 +111,10 @@ def resolve_expert_slots(config: EngineConfig, spec: ModelSpec, dtype: torch.dty
     expert fits), or, when expert_slots is given too, that count after checking it fits the budget."""
     if config.gpu_memory is None:
         if config.cpu_memory is not None and config.expert_slots is not None:
-            plan_memory(spec, dtype, max_model_len, config.max_num_seqs, config.block_size, 1 << 60,
-                        config.cpu_memory, expert_slots=config.expert_slots)  # checks the host store only
+            # Only the host side matters here: an unbounded GPU budget, the given slots.
+            host_plan = plan_memory(spec, dtype, max_model_len, config.max_num_seqs, config.block_size, 1 << 60,
+                                    config.cpu_memory, expert_slots=config.expert_slots)
+            return host_plan, config.expert_slots
         return None, config.expert_slots
     plan = plan_memory(spec, dtype, max_model_len, config.max_num_seqs, config.block_size, config.gpu_memory,
                        config.cpu_memory, expert_slots=config.expert_slots)

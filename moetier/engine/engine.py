@@ -45,7 +45,8 @@ class Engine:
         self.resolved = resolve(config, self.source.model_dir, self.source.spec)
         r = self.resolved
         self.model, self.executor = load_model(
-            self.source, r.dtype, r.device, config.load_format, config.seed, r.expert_slots, config.eviction
+            self.source, r.dtype, r.device, config.load_format, config.seed, r.expert_slots, config.eviction,
+            r.host_experts,
         )
         self.tokenizer = Tokenizer.from_dir(self.source.model_dir)
         self.stop_token_ids = read_stop_token_ids(self.source.model_dir, self.source.config, self.tokenizer)

@@ -40,21 +40,23 @@ def read_source(model_dir: Path) -> ModelSource:
 
 
 def make_executor(
-    spec: ModelSpec, dtype: torch.dtype, device: torch.device, expert_slots: int | None = None, eviction: str = "lru"
+    spec: ModelSpec, dtype: torch.dtype, device: torch.device, expert_slots: int | None = None, eviction: str = "lru",
+    host_experts: int | None = None,
 ) -> ExpertExecutor:
     """Resident (every expert in device banks) unless expert_slots asks for a pool of that many slots."""
     if expert_slots is None:
         return ResidentExecutor(spec, dtype, device)
     log.info("offloading experts: %d device slots, %s eviction, host copies of all %d", expert_slots, eviction,
              len(spec.moe_layer_ids) * spec.moe.num_experts)
-    return OffloadedExecutor(spec, dtype, device, expert_slots, eviction)
+    return OffloadedExecutor(spec, dtype, device, expert_slots, eviction, host_experts=host_experts)
 
 
 def build_model(
-    spec: ModelSpec, dtype: torch.dtype, device: torch.device, expert_slots: int | None = None, eviction: str = "lru"
+    spec: ModelSpec, dtype: torch.dtype, device: torch.device, expert_slots: int | None = None, eviction: str = "lru",
+    host_experts: int | None = None,
 ) -> tuple[CausalLM, ExpertExecutor]:
     """Allocates (uninitialised) parameters and expert storage directly where they live."""
-    executor = make_executor(spec, dtype, device, expert_slots, eviction)
+    executor = make_executor(spec, dtype, device, expert_slots, eviction, host_experts)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -70,9 +72,9 @@ def build_model(
 
 def load_model(
     source: ModelSource, dtype: torch.dtype, device: torch.device, load_format: str, seed: int,
-    expert_slots: int | None = None, eviction: str = "lru",
+    expert_slots: int | None = None, eviction: str = "lru", host_experts: int | None = None,
 ) -> tuple[CausalLM, ExpertExecutor]:
-    model, executor = build_model(source.spec, dtype, device, expert_slots, eviction)
+    model, executor = build_model(source.spec, dtype, device, expert_slots, eviction, host_experts)
     if load_format == "dummy":
         fill_dummy(model, executor, seed)
     elif load_format in ("auto", "safetensors"):

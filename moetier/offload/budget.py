@@ -167,6 +167,7 @@ class MemoryPlan:
     host_store: int  # host bytes for the experts (the arena's reservation); 0 when resident
     top_k: int
     expert_slots_given: bool = False
+    host_experts: int | None = None  # experts in the host arena when --cpu-memory caps it; the rest on disk
 
     @property
     def non_expert(self) -> int:
@@ -249,14 +250,24 @@ def plan_memory(
             f"needs at least {gib(fixed + top_k * layout.slot_bytes)}"
         )
     host_store = 0 if resident else host_arena_bytes(layout, total)
-    if cpu is not None and host_store > cpu:
-        raise MoetierError(
-            f"the host store of {total} offloaded experts needs {gib(host_store)} of pinned memory but "
-            f"--cpu-memory is {gib(cpu)} ({gib(host_store - cpu)} short; serving experts from disk is not "
-            "built yet)"
-        )
+    host_experts = None
+    if cpu is not None and host_store > cpu:  # the experts beyond the cap are served from disk
+        host_experts = max_host_experts(layout, total, cpu)
+        host_store = host_arena_bytes(layout, host_experts) if host_experts else 0
     return MemoryPlan(gpu, cpu, reserve, weights, host_weights, kv, layout.slot_bytes, total, slots, resident,
-                      host_store, top_k, expert_slots is not None)
+                      host_store, top_k, expert_slots is not None, host_experts)
+
+
+def max_host_experts(layout: ExpertLayout, total: int, cpu_budget: int) -> int:
+    """The most experts whose host arena fits in cpu_budget (the arena's reservation grows in steps)."""
+    low, high = 0, total
+    while low < high:
+        mid = (low + high + 1) // 2
+        if host_arena_bytes(layout, mid) <= cpu_budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 # --- the decode roofline (`moetier fit`) -------------------------------------------------------------

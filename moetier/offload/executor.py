@@ -32,12 +32,13 @@ class OffloadedExecutor:
     sync_free = False  # reads the routing on the host every MoE layer
 
     def __init__(self, model_spec: ModelSpec, dtype: torch.dtype, device: torch.device | str, num_slots: int,
-                 eviction: str | EvictionPolicy = "lru", copy_engine: CopyEngine | None = None):
+                 eviction: str | EvictionPolicy = "lru", copy_engine: CopyEngine | None = None,
+                 host_experts: int | None = None):
         device = torch.device(device)
         self.spec = model_spec.moe
         self.layout = ExpertLayout(model_spec.hidden_size, self.spec.intermediate_size, dtype, self.spec.expert_bias)
         self.moe_layers = tuple(model_spec.moe_layer_ids)
-        self.store = ExpertStore(self.layout, self.moe_layers, self.spec.num_experts)
+        self.store = ExpertStore(self.layout, self.moe_layers, self.spec.num_experts, host_experts=host_experts)
         self.pool = SlotPool(num_slots, self.layout, self.moe_layers, self.spec.num_experts, device)
         policy = (
             eviction if isinstance(eviction, EvictionPolicy)
@@ -142,6 +143,7 @@ class OffloadedExecutor:
             "slot_bytes": self.layout.slot_bytes,
             "host_store_bytes": self.store.nbytes,
             "host_arena_reserved_bytes": self.store.arena.reserved_bytes,
+            "disk_experts": self.store.disk_experts,
             "hits": hits,
             "misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else 0.0,

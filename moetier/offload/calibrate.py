@@ -2,7 +2,8 @@
 benchmark reports against. Saved as JSON in the user cache directory, one profile per machine.
 
 Conventions: a device-to-device copy counts bytes read plus bytes written (the HBM traffic);
-host-to-device and device-to-host count bytes moved; host DRAM read counts bytes read.
+host-to-device and device-to-host count bytes moved; host DRAM read and the CPU expert GEMV
+count weight bytes read.
 """
 
 import json
@@ -66,11 +67,27 @@ def host_read_gbps(nbytes: int = 2 * _GIB, repeats: int = 5) -> float:
     return nbytes / sorted(times)[len(times) // 2] / 1e9
 
 
+def cpu_expert_gbps(dtype: torch.dtype, rows: int = 8192, cols: int = 4096, repeats: int = 5) -> float:
+    """Weight bytes per second of a one-token matrix-vector product on the CPU (an expert's GEMV at
+    batch 1): the rate hybrid CPU execution of missed experts could reach with torch's kernels."""
+    weight = torch.randn(rows, cols).to(dtype)
+    x = torch.randn(1, cols).to(dtype)
+    torch.nn.functional.linear(x, weight)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        times.append(time.perf_counter() - start)
+    return weight.numel() * weight.element_size() / sorted(times)[len(times) // 2] / 1e9
+
+
 def calibrate() -> dict:
     profile = {
         "host": platform.node(),
         "cpu_threads": torch.get_num_threads(),
         "host_read_gbps": round(host_read_gbps(), 1),
+        "cpu_expert_gbps": {str(d).removeprefix("torch."): round(cpu_expert_gbps(d), 1)
+                            for d in (torch.float32, torch.bfloat16)},
     }
     if torch.cuda.is_available():
         profile |= {

@@ -54,25 +54,30 @@ def test_paged_decode_kernel_matches_reference(dtype, window, sinks):
         torch.testing.assert_close(out[b].float(), ref[0], rtol=tol, atol=tol)
 
 
-def test_grouped_experts_match_looped_on_cuda():
+@pytest.mark.parametrize("kernel,token_counts", [("grouped", (1, 7, 300)), ("gemv", (1, 3))])
+def test_expert_kernels_match_looped_on_cuda(kernel, token_counts):
+    """The sync-free kernels (grouped GEMM; the decode-sized GEMV) against the per-slot loop."""
     from moetier.models.spec import MoESpec, RouterSpec
-    from moetier.moe.dispatch import combine, dispatch
+    from moetier.moe.dispatch import combine, dispatch, weighted_k_sum
     from moetier.moe.experts import ExpertBank, ExpertLayout
-    from moetier.moe.grouped import grouped_experts, looped_experts
+    from moetier.moe.grouped import gemv_experts, grouped_experts, looped_experts
     from moetier.moe.router import Routing
 
     torch.manual_seed(0)
-    spec = MoESpec(RouterSpec(64, 8), 256)
-    bank = ExpertBank(64, ExpertLayout(512, 256, torch.bfloat16, False), "cuda")
+    spec = MoESpec(RouterSpec(64, 8), 384)
+    bank = ExpertBank(64, ExpertLayout(512, 384, torch.bfloat16, False), "cuda")
     for tensor in bank.parts.values():
         tensor.normal_(0, 0.05)
-    for tokens in (1, 7, 300):
+    for tokens in token_counts:
         x_TD = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
         routing = Routing(torch.rand(tokens, 64, device="cuda").topk(8).indices, torch.rand(tokens, 8, device="cuda"))
         plan = dispatch(x_TD, routing, 64)
-        grouped = combine(grouped_experts(plan, bank, spec), plan, routing)
+        if kernel == "grouped":
+            fast = combine(grouped_experts(plan, bank, spec), plan, routing)
+        else:
+            fast = weighted_k_sum(gemv_experts(x_TD, routing.topk_ids_TK.reshape(-1), bank), routing.topk_weights_TK)
         looped = combine(looped_experts(plan, bank, spec), plan, routing)
-        torch.testing.assert_close(grouped.float(), looped.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(fast.float(), looped.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -87,27 +92,6 @@ def test_cuda_graph_decode_equals_eager(dtype, tmp_path):
     assert (graphed.engine.runner.graphs is not None) == graphed.engine.executor.sync_free
     with_graphs, without = graphed.generate(prompts, params), eager.generate(prompts, params)
     assert [o.token_ids for o in with_graphs] == [o.token_ids for o in without]
-
-
-def test_gemv_experts_match_looped_on_cuda():
-    from moetier.models.spec import MoESpec, RouterSpec
-    from moetier.moe.dispatch import combine, dispatch, weighted_k_sum
-    from moetier.moe.experts import ExpertBank, ExpertLayout
-    from moetier.moe.grouped import gemv_experts, looped_experts
-    from moetier.moe.router import Routing
-
-    torch.manual_seed(0)
-    spec = MoESpec(RouterSpec(64, 8), 384)
-    bank = ExpertBank(64, ExpertLayout(512, 384, torch.bfloat16, False), "cuda")
-    for tensor in bank.parts.values():
-        tensor.normal_(0, 0.05)
-    for tokens in (1, 3):
-        x_TD = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
-        routing = Routing(torch.rand(tokens, 64, device="cuda").topk(8).indices, torch.rand(tokens, 8, device="cuda"))
-        direct = weighted_k_sum(gemv_experts(x_TD, routing.topk_ids_TK.reshape(-1), bank), routing.topk_weights_TK)
-        plan = dispatch(x_TD, routing, 64)
-        looped = combine(looped_experts(plan, bank, spec), plan, routing)
-        torch.testing.assert_close(direct.float(), looped.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("slots", [1, 2, 8, 24])

@@ -6,11 +6,6 @@ GQA layers cache K and V ([K, D] each per token); MLA layers cache one latent ve
 import torch
 
 
-def bytes_per_block(token_shapes: list[tuple[tuple[int, ...], ...]], block_size: int, dtype: torch.dtype) -> int:
-    per_token = sum(torch.Size(shape).numel() for layer in token_shapes for shape in layer)
-    return per_token * block_size * dtype.itemsize
-
-
 class KVCache:
     def __init__(
         self,

@@ -16,7 +16,7 @@ from collections import Counter
 import torch
 
 from moetier.models.spec import ModelSpec
-from moetier.moe.dispatch import Dispatch, combine, dispatch, weighted_k_sum
+from moetier.moe.dispatch import Dispatch, combine, dispatch, group_by_slot, weighted_k_sum
 from moetier.moe.executor import expert_kernels
 from moetier.moe.experts import ExpertId, ExpertLayout, ExpertWeights
 from moetier.moe.grouped import GEMV_MAX_TOKENS, gemv_experts
@@ -123,15 +123,9 @@ class OffloadedExecutor:
         if self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS:  # every row computed, only this round's kept
             out_AD[rows_R] = gemv_experts(x_TD, slot_of_expert_E[ids_A].clamp(min=0), bank)[rows_R]
             return
-        slots_R = slot_of_expert_E[ids_A[rows_R]]
-        slots_sorted_R, order_R = torch.sort(slots_R, stable=True)
-        counts_S = torch.zeros(bank.num_slots, dtype=torch.int32, device=x_TD.device)
-        counts_S.index_add_(0, slots_R, torch.ones_like(slots_R, dtype=torch.int32))
-        assignments_R = rows_R[order_R]
         top_k = routing.topk_ids_TK.shape[1]
-        plan = Dispatch(assignments_R, slots_sorted_R, x_TD[assignments_R // top_k], counts_S,
-                        torch.cumsum(counts_S, dim=0, dtype=torch.int32))
-        out_AD[assignments_R] = self.kernel(plan, bank, self.spec)
+        plan = Dispatch(*group_by_slot(x_TD, slot_of_expert_E[ids_A[rows_R]], rows_R, bank.num_slots, top_k))
+        out_AD[plan.order_A] = self.kernel(plan, bank, self.spec)
 
     # --- stats ------------------------------------------------------------------------------
 

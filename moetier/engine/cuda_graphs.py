@@ -76,7 +76,7 @@ class DecodeGraphs:
             pos = seq.num_computed
             ids.append(seq.all_ids[pos])
             positions.append(pos)
-            slots.append(seq.block_ids[pos // block_size] * block_size + pos % block_size)
+            slots.append(seq.kv_slot(pos, block_size))
             tables[row, : len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
             ctx[row] = pos + 1
         pad = size - n

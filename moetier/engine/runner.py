@@ -66,7 +66,7 @@ class Runner:
             new_positions = range(start, start + item.num_new_tokens)
             input_ids.extend(seq.all_ids[start : start + item.num_new_tokens])
             positions.extend(new_positions)
-            slots.extend(seq.block_ids[p // block_size] * block_size + p % block_size for p in new_positions)
+            slots.extend(seq.kv_slot(p, block_size) for p in new_positions)
             if all_logits:
                 logits_rows.extend(range(q_start, q_start + item.num_new_tokens))
             elif item.samples:

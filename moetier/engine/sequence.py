@@ -37,6 +37,10 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def kv_slot(self, position: int, block_size: int) -> int:
+        """The flat KV-cache slot (block * block_size + offset) holding this sequence's token at position."""
+        return self.block_ids[position // block_size] * block_size + position % block_size
+
     @property
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED

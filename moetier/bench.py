@@ -6,8 +6,15 @@ non-expert weight, the lm_head, b embedding rows, the experts the batch activate
 uniform routing E * (1 - (1 - k/E)^b) per MoE layer — and the batch's KV cache) over the
 device bandwidth measured by `moetier calibrate` (a device-to-device copy). The fraction is that
 ideal step time over the measured one.
+
+Offloaded experts add the copy bound: the host-to-device bytes a step actually copied (its misses,
+counted by the executor) over the measured pinned copy bandwidth; `copy_efficiency` is that time
+over the measured step time, and `bound_tok_s` the lower of the two bounds. The hit rate is set
+beside what static pinning and the run's own policy get on the same routing (recorded during the
+bench and replayed through the same slot planner).
 """
 
+import os
 import time
 
 import torch
@@ -15,7 +22,10 @@ import torch
 from moetier.engine.engine import Engine
 from moetier.gpu_memory import process_gpu_bytes
 from moetier.llm import LLM
+from moetier.offload.budget import parse_size
 from moetier.sampling_params import SamplingParams
+from moetier.trace.recorder import RoutingRecorder, attach_recorder, engine_trace
+from moetier.trace.simulate import simulate
 
 
 def expected_active_experts(num_experts: int, top_k: int, batch: int) -> float:
@@ -38,6 +48,32 @@ def decode_step_bytes(engine: Engine, batch: int, mean_context: float) -> float:
     return dense + experts + batch * mean_context * kv_per_token
 
 
+def _offload_counters(engine: Engine) -> dict | None:
+    stats = engine.executor.stats()
+    return stats if stats.get("executor") == "offloaded" else None
+
+
+def offload_figures(before: dict, after: dict, steps: int, step_s: float, batch: int, h2d_gbps: float | None) -> dict:
+    """The offloading counters over `steps` steps of `batch` tokens taking step_s each."""
+    def delta(key):
+        return after[key] - before[key]
+
+    accesses = delta("hits") + delta("misses")
+    copied_per_step = delta("bytes_copied") / steps
+    figures = {
+        "hit_rate": round(delta("hits") / accesses, 4) if accesses else None,
+        "h2d_bytes_per_step": int(copied_per_step),
+        "h2d_bytes_per_token": int(copied_per_step / batch),
+        "copy_stall_ms_per_step": round(delta("copy_wait_s") / steps * 1e3, 3),
+        "routing_sync_ms_per_step": round(delta("routing_sync_s") / steps * 1e3, 3),
+    }
+    if h2d_gbps and copied_per_step:
+        copy_s = copied_per_step / (h2d_gbps * 1e9)
+        figures["copy_bound_tok_s"] = round(batch / copy_s, 2)
+        figures["copy_efficiency"] = round(copy_s / step_s, 3)
+    return figures
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -48,12 +84,13 @@ def _random_prompts(vocab: int, batch: int, length: int, seed: int) -> list[list
     return torch.randint(0, vocab, (batch, length), generator=gen).tolist()
 
 
-def measure_prefill(llm: LLM, length: int, repeats: int = 3) -> dict:
+def measure_prefill(llm: LLM, length: int, h2d_gbps: float | None, repeats: int = 3) -> dict:
     engine = llm.engine
     prompt = _random_prompts(engine.source.spec.vocab_size, 1, length, seed=length)
     params = SamplingParams(max_tokens=1, ignore_eos=True)
     llm.generate(prompt, params)  # warm-up: kernels for this shape compiled
     times = []
+    before = _offload_counters(engine)
     for _ in range(repeats):
         _sync(engine.resolved.device)
         start = time.perf_counter()
@@ -61,10 +98,14 @@ def measure_prefill(llm: LLM, length: int, repeats: int = 3) -> dict:
         _sync(engine.resolved.device)
         times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    return {"tokens": length, "ms": round(seconds * 1e3, 2), "tok_s": round(length / seconds, 1)}
+    result = {"tokens": length, "ms": round(seconds * 1e3, 2), "tok_s": round(length / seconds, 1)}
+    if before is not None:  # per prefill: a step of `length` tokens
+        result["offload"] = offload_figures(before, _offload_counters(engine), repeats, seconds, length, h2d_gbps)
+    return result
 
 
-def measure_decode(llm: LLM, batch: int, prompt_len: int, output_len: int, bandwidth_gbps: float | None) -> dict:
+def measure_decode(llm: LLM, batch: int, prompt_len: int, output_len: int, bandwidth_gbps: float | None,
+                   h2d_gbps: float | None = None) -> dict:
     engine = llm.engine
     device = engine.resolved.device
     prompts = _random_prompts(engine.source.spec.vocab_size, batch, prompt_len, seed=batch)
@@ -81,8 +122,10 @@ def measure_decode(llm: LLM, batch: int, prompt_len: int, output_len: int, bandw
         if first_token_at is None and started == batch:
             _sync(device)
             first_token_at = time.perf_counter()
+            before = _offload_counters(engine)
     _sync(device)
     end = time.perf_counter()
+    after = _offload_counters(engine)
     steps = output_len - 1
     step_s = (end - first_token_at) / steps
     result = {
@@ -99,24 +142,58 @@ def measure_decode(llm: LLM, batch: int, prompt_len: int, output_len: int, bandw
         ideal_s = step_bytes / (bandwidth_gbps * 1e9)
         result["roofline_tok_s"] = round(batch / ideal_s, 1)
         result["roofline_fraction"] = round(ideal_s / step_s, 3)
+    if after is not None:
+        offload = offload_figures(before, after, steps, step_s, batch, h2d_gbps)
+        result["offload"] = offload
+        bounds = [result[k] for k in ("roofline_tok_s",) if k in result] + [offload.get("copy_bound_tok_s")]
+        bounds = [b for b in bounds if b]
+        if bounds:
+            result["bound_tok_s"] = min(bounds)
+            result["bound_fraction"] = round(result["tok_s"] / min(bounds), 3)
     return result
 
 
 def run_bench(llm: LLM, batch_sizes: list[int], prompt_len: int, output_len: int, prefill_lens: list[int],
-              bandwidth_gbps: float | None, load_seconds: float) -> dict:
+              profile: dict, load_seconds: float) -> dict:
+    """Every measurement as one report; `profile` is the machine's calibration (bandwidths)."""
     engine = llm.engine
     device = engine.resolved.device
+    bandwidth_gbps, h2d_gbps = profile.get("device_copy_gbps"), profile.get("h2d_pinned_gbps")
+    offloaded = _offload_counters(engine)
+    recorder = attach_recorder(engine) if offloaded else None
     report = {
         "model": str(engine.source.model_dir),
+        "pid": os.getpid(),  # to find this process in an NVML log
         "architecture": engine.source.spec.architecture,
         "dtype": str(engine.resolved.dtype).removeprefix("torch."),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "load_s": round(load_seconds, 2),
         "device_copy_gbps": bandwidth_gbps,
-        "prefill": [measure_prefill(llm, n) for n in prefill_lens],
-        "decode": [measure_decode(llm, b, prompt_len, output_len, bandwidth_gbps) for b in batch_sizes],
+        "prefill": [measure_prefill(llm, n, h2d_gbps) for n in prefill_lens],
+        "decode": [measure_decode(llm, b, prompt_len, output_len, bandwidth_gbps, h2d_gbps) for b in batch_sizes],
     }
+    if offloaded:
+        report["offload"] = offload_summary(engine, recorder, h2d_gbps)
     if device.type == "cuda":
         report["peak_gpu_bytes_torch_reserved"] = torch.cuda.max_memory_reserved(device)
         report["gpu_bytes_nvml_process"] = process_gpu_bytes()
+        budget = engine.config.gpu_memory
+        if budget is not None and report["gpu_bytes_nvml_process"] is not None:
+            report["gpu_budget_bytes"] = parse_size(budget)
+            report["within_gpu_budget"] = report["gpu_bytes_nvml_process"] <= report["gpu_budget_bytes"]
     return report
+
+
+def offload_summary(engine: Engine, recorder: RoutingRecorder, h2d_gbps: float | None) -> dict:
+    """The executor's totals, and the hit rates of static pinning and of the run's policy replayed
+    on the routing the bench produced, with the same number of slots (cold start, no prefetch)."""
+    stats = engine.executor.stats()
+    trace = engine_trace(engine, recorder)
+    replayed = {}
+    for policy in dict.fromkeys(["static", engine.config.eviction]):
+        hits, misses = simulate(trace, policy, stats["num_slots"])
+        replayed[policy] = round(hits / (hits + misses), 4) if hits + misses else None
+    keys = ("num_slots", "slot_bytes", "hit_rate", "bytes_copied", "prefetch_loads", "prefetch_used",
+            "slot_occupancy", "disk_experts", "host_arena_reserved_bytes")
+    return {"eviction": engine.config.eviction, "h2d_pinned_gbps": h2d_gbps,
+            **{k: stats[k] for k in keys if k in stats}, "replayed_hit_rate": replayed}

@@ -27,9 +27,10 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights")
     g.add_argument("--expert-slots", type=int, help="offload routed experts to host memory and cache them in "
                    "this many device slots shared by all MoE layers (default: every expert resident)")
-    g.add_argument("--eviction", default="lru", choices=["lru", "lfu", "static", "layer"],
-                   help="with --expert-slots: which cached expert gives up its slot (static pins the first "
-                   "slots - top_k experts; layer evicts the experts whose layer comes round again last)")
+    g.add_argument("--eviction", default="layer", choices=["layer", "lru", "lfu", "static"],
+                   help="with offloading: which cached expert gives up its slot (layer: the one whose layer "
+                   "comes round again last, the default; static pins the first slots - top_k experts; a "
+                   "global LRU over layer sweeps keeps exactly the experts needed last)")
     g.add_argument("--gpu-memory", help="device memory budget, e.g. 24GiB or 40GB: weights, KV cache, a reserve "
                    "and as many expert slots as fit (offloading only when not every expert fits; with "
                    "--expert-slots: checks that they fit)")
@@ -204,7 +205,10 @@ def stats_table(stats: dict, tokens: int) -> str:
         f"experts: offloaded, {stats['num_slots']} device slots of {stats['slot_bytes'] / 2**20:.2f} MiB",
         f"hit rate {stats['hit_rate']:.3f} ({stats['hits']} hits, {stats['misses']} misses) over {tokens} tokens",
         f"host-to-device {stats['bytes_copied'] / 2**20:.1f} MiB ({stats['bytes_copied'] / per_token / 2**20:.2f} MiB/token), "
-        f"copy wait {stats['copy_wait_s'] * 1e3:.1f} ms ({stats['copy_wait_s'] * 1e3 / per_token:.3f} ms/token)",
+        f"copy wait {stats['copy_wait_s'] * 1e3:.1f} ms ({stats['copy_wait_s'] * 1e3 / per_token:.3f} ms/token), "
+        f"routing read on the host {stats['routing_sync_s'] * 1e3 / per_token:.3f} ms/token",
+        f"prefetched a layer ahead (prefill) {stats['prefetch_loads']}, used {stats['prefetch_used']}; "
+        f"slot occupancy {stats['slot_occupancy']:.2f}",
         "layer  hits  misses  hit rate",
     ]
     for layer, counts in stats["layers"].items():
@@ -257,7 +261,8 @@ def _int_list(text: str) -> list[int]:
         raise MoetierError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _bench(args) -> None:
+def _bench(args, prepare=None) -> None:
+    """`moetier bench`; `prepare(llm)` lets a baseline script change the engine before measuring."""
     import json
     import time
 
@@ -273,12 +278,14 @@ def _bench(args) -> None:
     start = time.perf_counter()
     llm = LLM(args.model, **options)
     load_seconds = time.perf_counter() - start
+    if prepare is not None:
+        prepare(llm)
     if args.routing != "router":
         from moetier.trace.replay import replay_routing, routing_trace_for
 
         replay_routing(llm.engine, routing_trace_for(llm.engine, args.routing))
-    bandwidth = load_or_calibrate().get("device_copy_gbps") if llm.engine.resolved.device.type == "cuda" else None
-    report = run_bench(llm, batch_sizes, args.prompt_len, args.output_len, prefill_lens, bandwidth, load_seconds)
+    profile = load_or_calibrate() if llm.engine.resolved.device.type == "cuda" else {}
+    report = run_bench(llm, batch_sizes, args.prompt_len, args.output_len, prefill_lens, profile, load_seconds)
     print(json.dumps(report, indent=1))
 
 

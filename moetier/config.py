@@ -31,7 +31,7 @@ class EngineConfig:
     seed: int = 0
     cuda_graphs: bool = True  # capture decode steps (CUDA, GQA models); False: always eager
     expert_slots: int | None = None  # None: every expert resident; N: offload, a pool of N GPU expert slots
-    eviction: str = "lru"  # with expert_slots: lru | lfu | static | layer
+    eviction: str = "layer"  # with expert_slots: layer | lru | lfu | static
     gpu_memory: str | int | None = None  # "24GiB", "40GB", bytes: plan expert slots for this device budget
     cpu_memory: str | int | None = None  # cap on the host expert store (pinned arena) when offloading
 

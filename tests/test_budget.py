@@ -23,6 +23,7 @@ from moetier.offload import budget
 from moetier.offload.budget import GIB, RESERVE_BYTES, expert_layout, host_arena_bytes, parse_size, plan_memory
 from moetier.offload.copy_engine import DelayedCopyEngine
 from moetier.offload.executor import OffloadedExecutor
+from moetier.offload.store import staging_arena_bytes
 
 CONFIGS = Path(__file__).parent.parent / "benchmarks" / "configs"
 PROMPTS = [[5, 17, 42, 99, 7, 250, 3], list(range(10, 51)), [300, 4]]
@@ -101,7 +102,9 @@ def test_impossible_budgets_fail_clearly():
     capped = plan_memory(spec, torch.bfloat16, 4096, 16, 16, "24GiB", "64GiB")
     layout = expert_layout(spec, torch.bfloat16)
     assert 0 < capped.host_experts < capped.num_experts and capped.host_store <= 64 * GIB
-    assert host_arena_bytes(layout, capped.host_experts + 1) > 64 * GIB
+    staging = staging_arena_bytes(layout)  # the pinned ring the disk reads land in
+    assert capped.host_store == host_arena_bytes(layout, capped.host_experts) + staging
+    assert host_arena_bytes(layout, capped.host_experts + 1) + staging > 64 * GIB
     assert plan_memory(spec, torch.bfloat16, 4096, 16, 16, "24GiB", "88GiB").num_slots == 36
     assert plan_memory(spec, torch.bfloat16, 4096, 16, 16, "24GiB", expert_slots=2).num_slots == 2
 
@@ -209,11 +212,14 @@ def test_engine_uses_the_planned_slots_bitwise(qwen3):
     assert explicit.engine.executor.pool.num_slots == 3
     with pytest.raises(MoetierError, match="6 expert slots need"):
         LLM(qwen3, dtype="float32", max_model_len=128, gpu_memory=_budget_for(qwen3, 5), expert_slots=6)
-    # A host cap below one expert: every expert is served from the disk tier, still bitwise equal.
-    on_disk = LLM(qwen3, dtype="float32", max_model_len=128, expert_slots=3, cpu_memory=1000)
+    # A host cap of just the disk reads' staging ring: every expert is served from disk, still bitwise equal.
+    staging = staging_arena_bytes(roomy.engine.executor.layout)
+    on_disk = LLM(qwen3, dtype="float32", max_model_len=128, expert_slots=3, cpu_memory=staging)
     assert on_disk.stats()["disk_experts"] == 24
     assert all(torch.equal(on_disk.score(ids), expected) for ids, expected in zip(PROMPTS, ref[0]))
     assert [o.token_ids for o in on_disk.generate(PROMPTS, params)] == ref[1]
+    with pytest.raises(MoetierError, match="below the .* pinned staging ring"):
+        LLM(qwen3, dtype="float32", max_model_len=128, expert_slots=3, cpu_memory=staging - 1)
     with pytest.raises(MoetierError, match="not a memory size"):
         LLM(qwen3, gpu_memory="24 gigs")
 

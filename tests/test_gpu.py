@@ -94,9 +94,11 @@ def test_cuda_graph_decode_equals_eager(dtype, tmp_path):
     assert [o.token_ids for o in with_graphs] == [o.token_ids for o in without]
 
 
-@pytest.mark.parametrize("slots", [1, 2, 8, 24])
+@pytest.mark.parametrize("slots", [1, 3, 6, 12, 24])
 def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, tmp_path):
-    """The real copy stream and events: tiny pools force refills of slots a kernel just read."""
+    """The real copy stream and events: tiny pools (one or two slots per layer of 3) force refills of
+    slots a kernel just read; larger ones run the prefill overlap (hits compute while misses stream)
+    and the next-layer prefetch."""
     make_checkpoint("qwen3_moe", tmp_path)
     prompts = [[5, 6, 7], list(range(10, 40)), list(range(50, 55))]
     params = SamplingParams(max_tokens=16, ignore_eos=True)
@@ -109,4 +111,6 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, tmp_path):
         o.token_ids for o in resident.generate(prompts, params)
     ]
     stats = offloaded.stats()
-    assert stats["misses"] > 0 and stats["bytes_copied"] == stats["misses"] * stats["slot_bytes"]
+    copies = stats["misses"] - stats["prefetch_used"] + stats["prefetch_loads"]
+    assert stats["misses"] > 0 and stats["bytes_copied"] == copies * stats["slot_bytes"]
+    assert (stats["prefetch_used"] > 0) == (slots >= 12)  # 8 experts per layer: room for a next layer's

@@ -6,10 +6,12 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from checkpoints import FAMILY_CONFIGS, make_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_deepseek import make_deepseek
+from test_gpt_oss import _reference_model, _save
 
-from checkpoints import FAMILY_CONFIGS, make_checkpoint
 from moetier import LLM, SamplingParams
 from moetier.cli import _build_parser, _engine_options
 from moetier.errors import MoetierError
@@ -19,9 +21,8 @@ from moetier.offload.arena import HostArena
 from moetier.offload.cache import LFU, LRU, StaticPinning, first_experts, make_policy
 from moetier.offload.copy_engine import DelayedCopyEngine
 from moetier.offload.executor import OffloadedExecutor
+from moetier.offload.planner import SlotPlanner
 from moetier.offload.store import ExpertStore
-from test_deepseek import make_deepseek
-from test_gpt_oss import _reference_model, _save
 
 PROMPTS = [[5, 17, 42, 99, 7, 250, 3], list(range(10, 51)), [300, 4]]
 COPY_DELAY_S = 0.0005
@@ -80,9 +81,10 @@ def test_offloaded_is_bitwise_resident(case):
         assert tokens == ref_tokens, f"{slots} slots"
         assert engine.violations == []
         stats = llm.stats()
-        assert stats["misses"] >= 1 and stats["bytes_copied"] == stats["misses"] * stats["slot_bytes"]
+        copies = stats["misses"] - stats["prefetch_used"] + stats["prefetch_loads"]
+        assert stats["misses"] >= 1 and stats["bytes_copied"] == copies * stats["slot_bytes"]
         if slots == spec.moe.num_experts * len(spec.moe_layer_ids):
-            assert stats["misses"] <= slots  # everything fits: each expert is copied at most once
+            assert copies <= slots  # everything fits: each expert is copied at most once
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +101,10 @@ def test_other_policies_are_exact(qwen3, eviction):
     assert engine.violations == []
 
 
-def test_dummy_weights_are_the_same_offloaded(qwen3):
+@pytest.mark.parametrize("slots", [2, 12])  # a staging bank of its own; the first slots of the pool
+def test_dummy_weights_are_the_same_offloaded(qwen3, slots):
     resident = LLM(qwen3, dtype="float32", max_model_len=128, load_format="dummy", seed=3)
-    llm, _ = _offloaded(qwen3, 2, load_format="dummy", seed=3)
+    llm, _ = _offloaded(qwen3, slots, load_format="dummy", seed=3)
     assert torch.equal(llm.score(PROMPTS[1]), resident.score(PROMPTS[1]))
 
 
@@ -142,23 +145,55 @@ def _spec():
 
 
 @settings(max_examples=60, deadline=None)
-@given(slots=st.integers(1, 6), policy=st.sampled_from(["lru", "lfu", "static"]),
-       steps=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 7), min_size=1, max_size=8)), max_size=12))
+@given(slots=st.integers(1, 6), policy=st.sampled_from(["lru", "lfu", "static", "layer"]),
+       steps=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 7), min_size=1, max_size=8),
+                                st.booleans()), max_size=12))
 def test_needed_experts_are_never_evicted(slots, policy, steps):
+    """Rounds and next-layer prefetches (as in prefill) never evict an expert the layer needs, and
+    never refill a slot before its last reader."""
     spec = _spec()
     executor = OffloadedExecutor(spec, torch.float32, "cpu", slots, policy, DelayedCopyEngine())
-    for layer, needed in steps:
+    for layer, needed, prefetch in steps:
         remaining = sorted(needed)
         while remaining:
             resident_hits = {e for e in remaining if ExpertId(layer, e) in executor.planner.slot_of}
-            round_experts = executor._load_round(layer, remaining)
+            hits, loads = executor._plan_and_copy(layer, remaining)
+            round_experts = hits + loads
             assert round_experts, "every round makes progress"
             assert resident_hits <= set(round_experts)  # hits are never evicted to make room
+            if prefetch and len(round_experts) == len(remaining):
+                executor._prefetch_after(layer, 10_000, round_experts)
             held = [executor.planner.slot_of.get(ExpertId(layer, e)) for e in round_experts]
             assert None not in held and len(set(held)) == len(held)
+            executor._wait_for_copies(layer, round_experts)
             executor._mark_read(layer, round_experts)
             remaining = [e for e in remaining if e not in round_experts]
     assert executor.copy_engine.violations == []
+    stats = executor.stats()
+    copies = stats["misses"] - stats["prefetch_used"] + stats["prefetch_loads"]
+    assert stats["bytes_copied"] == copies * stats["slot_bytes"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(slots=st.integers(3, 10), policy=st.sampled_from(["lru", "lfu", "static", "layer"]),
+       steps=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 7), min_size=1, max_size=3)), max_size=20))
+def test_fast_victim_choice_equals_the_full_scan(slots, policy, steps):
+    """choose() answers from a layer's (or the streaming slots') experts: always what victim() over
+    every resident expert outside the protected set picks."""
+    spec = _spec()
+    planner = SlotPlanner(slots, make_policy(policy, slots, tuple(spec.moe_layer_ids), spec.moe.num_experts,
+                                             spec.moe.top_k))
+    for layer, needed in steps:
+        planner.access(layer, sorted(needed))
+        protected = {ExpertId(layer, e) for e in needed}
+        everyone = [e for e in planner.slot_of if e not in protected]
+        assert planner.policy.choose(planner.resident, protected) == planner.policy.victim(everyone)
+        remaining = sorted(needed)
+        while remaining:
+            hits, loads = planner.plan_round(layer, remaining)
+            done = set(hits) | {e for e, _, _ in loads}
+            remaining = [e for e in remaining if e not in done]
+    assert {e for experts in planner.resident.values() for e in experts} == set(planner.slot_of)
 
 
 def _simulate(policy, capacity: int, accesses: list[ExpertId]) -> list[set[ExpertId]]:

@@ -5,6 +5,7 @@ import torch
 from moetier.models.transformer import CausalLM
 from moetier.moe.executor import ExpertExecutor
 from moetier.moe.experts import ExpertBank, ExpertId, ExpertWeights
+from moetier.offload.executor import OffloadedExecutor
 
 _INIT_STD = 0.02
 
@@ -28,21 +29,25 @@ def fill_dummy(model: CausalLM, executor: ExpertExecutor, seed: int) -> None:
             param.zero_()
         else:
             param.normal_(0.0, _INIT_STD, generator=generator)
-    _fill_experts(executor.expert_weights, generator, device)
+    pool = executor.pool.bank if isinstance(executor, OffloadedExecutor) else None
+    _fill_experts(executor.expert_weights, generator, device, pool)
 
 
-def _fill_experts(weights: ExpertWeights, generator: torch.Generator, device: torch.device) -> None:
+def _fill_experts(weights: ExpertWeights, generator: torch.Generator, device: torch.device,
+                  pool: ExpertBank | None) -> None:
     """Per layer, the same draws into a bank of every expert; where experts are stored one by one
     (the offload store) that bank is a staging bank on the model's device, copied out per expert,
-    so a seed gives the same experts resident or offloaded."""
+    so a seed gives the same experts resident or offloaded. The staging bank is the first slots of
+    the offloaded executor's (still empty) pool when it has enough, so loading stays in the budget."""
     staging = None
     for layer in weights.moe_layers:
         stacked = {part: weights.layer_part(layer, part) for part in weights.layout.part_shapes}
         direct = all(t is not None for t in stacked.values())
         if not direct:
             if staging is None:
-                staging = ExpertBank(weights.num_experts, weights.layout, device)
-            stacked = staging.parts
+                enough = pool is not None and pool.num_slots >= weights.num_experts
+                staging = pool if enough else ExpertBank(weights.num_experts, weights.layout, device)
+            stacked = {part: tensor[: weights.num_experts] for part, tensor in staging.parts.items()}
         for part, tensor in stacked.items():
             if part.endswith("bias"):
                 tensor.zero_()

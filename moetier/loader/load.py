@@ -40,7 +40,7 @@ def read_source(model_dir: Path) -> ModelSource:
 
 
 def make_executor(
-    spec: ModelSpec, dtype: torch.dtype, device: torch.device, expert_slots: int | None = None, eviction: str = "lru",
+    spec: ModelSpec, dtype: torch.dtype, device: torch.device, expert_slots: int | None = None, eviction: str = "layer",
     host_experts: int | None = None,
 ) -> ExpertExecutor:
     """Resident (every expert in device banks) unless expert_slots asks for a pool of that many slots."""
@@ -52,7 +52,7 @@ def make_executor(
 
 
 def build_model(
-    spec: ModelSpec, dtype: torch.dtype, device: torch.device, expert_slots: int | None = None, eviction: str = "lru",
+    spec: ModelSpec, dtype: torch.dtype, device: torch.device, expert_slots: int | None = None, eviction: str = "layer",
     host_experts: int | None = None,
 ) -> tuple[CausalLM, ExpertExecutor]:
     """Allocates (uninitialised) parameters and expert storage directly where they live."""
@@ -72,7 +72,7 @@ def build_model(
 
 def load_model(
     source: ModelSource, dtype: torch.dtype, device: torch.device, load_format: str, seed: int,
-    expert_slots: int | None = None, eviction: str = "lru", host_experts: int | None = None,
+    expert_slots: int | None = None, eviction: str = "layer", host_experts: int | None = None,
 ) -> tuple[CausalLM, ExpertExecutor]:
     model, executor = build_model(source.spec, dtype, device, expert_slots, eviction, host_experts)
     if load_format == "dummy":
@@ -86,6 +86,7 @@ def load_model(
             load_weights(model, executor, source.family, tensors)
     else:
         raise MoetierError(f"unknown --load-format {load_format!r} (choose auto, safetensors or dummy)")
+    executor.expert_weights.finish_loading()
     model.fuse_projections()
     log.info("loaded %s (%s, %d layers) as %s on %s", source.model_dir, source.spec.architecture, source.spec.num_layers, dtype, device)
     return model, executor

@@ -48,14 +48,11 @@ def group_by_slot(x_TD, slots_R, rows_R, num_slots: int, top_k: int):
 
 
 def combine(out_sorted_AD: torch.Tensor, plan: Dispatch, routing: Routing) -> torch.Tensor:
-    return _combine(out_sorted_AD, plan.order_A, routing.topk_weights_TK)
-
-
-@fused
-def _combine(out_sorted_AD, order_A, topk_weights_TK):
+    """Rows back to assignment order, then the one weighted k-ordered sum every executor uses (the
+    offloaded rounds fill out_AD round by round and call the same sum, so results agree bitwise)."""
     out_AD = torch.empty_like(out_sorted_AD)
-    out_AD[order_A] = out_sorted_AD
-    return _weighted_k_sum(out_AD, topk_weights_TK)
+    out_AD[plan.order_A] = out_sorted_AD
+    return weighted_k_sum(out_AD, routing.topk_weights_TK)
 
 
 def _weighted_k_sum(out_AD, topk_weights_TK):

@@ -69,6 +69,9 @@ class ResidentExecutor:
     def layer_part(self, layer: int, part: str) -> torch.Tensor | None:
         return self.banks[layer].parts[part]
 
+    def finish_loading(self) -> None:
+        pass
+
     def stats(self) -> dict:
         return {"executor": "resident"}
 

@@ -82,6 +82,10 @@ class ExpertWeights(Protocol):
         """All experts' part as one [E, ...] tensor, or None where experts are stored separately."""
         ...
 
+    def finish_loading(self) -> None:
+        """Called once every expert is written; from then on only the executor reads them."""
+        ...
+
 
 class ExpertBank:
     """S packed expert slots in one raw byte buffer, with a typed [S, ...] view per part."""

@@ -27,7 +27,7 @@ from moetier.errors import MoetierError
 from moetier.models.spec import AttentionSpec, ModelSpec
 from moetier.moe.experts import ExpertLayout
 from moetier.offload.arena import DEFAULT_ALIGNMENT
-from moetier.offload.store import chunk_bytes_for
+from moetier.offload.store import chunk_bytes_for, staging_arena_bytes
 
 GIB = 1 << 30
 # CUDA context (~0.5 GiB on an H100 with the kernels loaded), workspaces, graph pools, activations.
@@ -252,8 +252,14 @@ def plan_memory(
     host_store = 0 if resident else host_arena_bytes(layout, total)
     host_experts = None
     if cpu is not None and host_store > cpu:  # the experts beyond the cap are served from disk
-        host_experts = max_host_experts(layout, total, cpu)
-        host_store = host_arena_bytes(layout, host_experts) if host_experts else 0
+        staging = staging_arena_bytes(layout)  # the pinned ring disk reads land in
+        if cpu < staging:
+            raise MoetierError(
+                f"the {gib(cpu)} host memory cap is below the {gib(staging)} pinned staging ring that experts "
+                f"served from disk need; give --cpu-memory at least {gib(staging)}"
+            )
+        host_experts = max_host_experts(layout, total, cpu - staging)
+        host_store = (host_arena_bytes(layout, host_experts) if host_experts else 0) + staging
     return MemoryPlan(gpu, cpu, reserve, weights, host_weights, kv, layout.slot_bytes, total, slots, resident,
                       host_store, top_k, expert_slots is not None, host_experts)
 

@@ -3,14 +3,22 @@
 One small interface, driven by the runtime (OffloadedExecutor) and by the routing-trace simulator: `access` records that an expert was used; `victim` picks one of the evictable experts
 (the caller never offers an expert the current layer needs), or None if the policy will evict none
 of them. Policies see expert ids only, never slots or tensors.
+
+The SlotPlanner asks through `choose(resident, protected)`, with the resident experts by layer: the
+same answer as `victim` over every resident expert not protected, which costs a pass over all slots
+per miss (too slow in Python for pools of a thousand slots), so the layer-aware and static policies
+answer it from a layer's or the streaming slots' experts alone. `loaded` / `evicted` tell a policy
+which experts hold slots.
 """
 
 import itertools
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from moetier.moe.experts import ExpertId
+
+Resident = Mapping[int, Collection[ExpertId]]  # layer -> its experts that hold slots
 
 
 class EvictionPolicy(ABC):
@@ -19,6 +27,16 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def victim(self, candidates: Collection[ExpertId]) -> ExpertId | None: ...
+
+    def choose(self, resident: Resident, protected: Collection[ExpertId]) -> ExpertId | None:
+        """victim() over the resident experts that are not protected."""
+        return self.victim([e for experts in resident.values() for e in experts if e not in protected])
+
+    def loaded(self, expert: ExpertId) -> None:
+        """`expert` now holds a slot."""
+
+    def evicted(self, expert: ExpertId) -> None:
+        """`expert` gave up its slot."""
 
 
 class LRU(EvictionPolicy):
@@ -57,12 +75,23 @@ class StaticPinning(EvictionPolicy):
     def __init__(self, pinned: Iterable[ExpertId]):
         self.pinned = frozenset(pinned)
         self.lru = LRU()
+        self.streaming: set[ExpertId] = set()  # resident experts that are not pinned
 
     def access(self, expert: ExpertId) -> None:
         self.lru.access(expert)
 
     def victim(self, candidates: Collection[ExpertId]) -> ExpertId | None:
         return self.lru.victim([e for e in candidates if e not in self.pinned])
+
+    def choose(self, resident: Resident, protected: Collection[ExpertId]) -> ExpertId | None:
+        return self.lru.victim([e for e in self.streaming if e not in protected])
+
+    def loaded(self, expert: ExpertId) -> None:
+        if expert not in self.pinned:
+            self.streaming.add(expert)
+
+    def evicted(self, expert: ExpertId) -> None:
+        self.streaming.discard(expert)
 
 
 class LayerAware(EvictionPolicy):
@@ -89,6 +118,19 @@ class LayerAware(EvictionPolicy):
             return (self.position[e.layer] - self.current - 1) % num_layers
 
         return max(candidates, key=lambda e: (layers_until_needed(e), -self.lru.last_use.get(e, 0), e), default=None)
+
+    def choose(self, resident: Resident, protected: Collection[ExpertId]) -> ExpertId | None:
+        """The layers in victim order, each one's experts alone: the first layer with a candidate has it."""
+        if self.current is None:
+            return super().choose(resident, protected)
+        layers = sorted(self.position, key=self.position.get)
+        num_layers = len(layers)
+        for back in range(num_layers):  # the current layer (needed again last), then the ones behind it
+            layer = layers[(self.current - back) % num_layers]
+            found = self.victim([e for e in resident.get(layer, ()) if e not in protected])
+            if found is not None:
+                return found
+        return None
 
 
 def first_experts(moe_layers: Iterable[int], num_experts: int, count: int) -> list[ExpertId]:

@@ -1,12 +1,13 @@
 """Copy engines: host -> device expert copies that run beside compute, ordered by events.
 
-The interface is three calls. `copy(dst, src, after)` starts a copy once the reader event `after`
+The interface is four calls. `copy(dst, src, after)` starts a copy once the reader event `after`
 (the last kernel that read dst) has completed and returns the copy's event; `wait(event)` makes
-compute wait for a copy; `mark_read(buffers)` returns an event recorded after the compute issued so
-far, which the caller keeps as the last reader of those buffers.
+compute wait for a copy; `synchronize(event)` blocks the host until a copy has completed (before
+its source is overwritten); `mark_read(buffers)` returns an event recorded after the compute issued
+so far, which the caller keeps as the last reader of those buffers.
 
-CudaCopyEngine: a dedicated copy stream, non-blocking copies from pinned memory, CUDA events; all
-waits are on the device (no host sync). DelayedCopyEngine: the CPU stand-in for tests; it copies on
+CudaCopyEngine: a dedicated copy stream, non-blocking copies from pinned memory, CUDA events; compute
+waits on the device (no host sync), only `synchronize` blocks the host. DelayedCopyEngine: the CPU stand-in for tests; it copies on
 a worker thread after an injected delay, so a missing wait reads stale bytes and gives wrong
 numbers, and it records every copy into a buffer whose last reader was not given as `after`.
 """
@@ -14,6 +15,7 @@ numbers, and it records every copy into a buffer whose last reader was not given
 import queue
 import threading
 import time
+from collections import deque
 from typing import Protocol
 
 import torch
@@ -28,8 +30,16 @@ class Event(Protocol):
 class CopyEngine(Protocol):
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event: ...
 
-    def wait(self, event: Event) -> float:
-        """Compute waits for the event; returns the seconds the host blocked."""
+    def wait(self, events: list[Event]) -> None:
+        """Compute waits for these copies."""
+        ...
+
+    def stall_seconds(self) -> float:
+        """Seconds compute has waited for copies since the last call (waits still in flight excluded)."""
+        ...
+
+    def synchronize(self, event: Event) -> None:
+        """Blocks the host until the event has completed."""
         ...
 
     def mark_read(self, buffers: list[torch.Tensor]) -> Event: ...
@@ -39,6 +49,7 @@ class CudaCopyEngine:
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device)
+        self._stalls: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event:
         with torch.cuda.stream(self.stream):
@@ -49,9 +60,28 @@ class CudaCopyEngine:
             done.record(self.stream)
         return done
 
-    def wait(self, event: Event) -> float:
-        torch.cuda.current_stream(self.device).wait_event(event)
-        return 0.0
+    def wait(self, events: list[Event]) -> None:
+        """The compute stream waits on the device; a timing event on each side of the waits measures
+        how long it stood still (it has nothing else queued between them)."""
+        if not events:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(stream)
+        for event in events:
+            stream.wait_event(event)
+        after.record(stream)
+        self._stalls.append((before, after))
+
+    def stall_seconds(self) -> float:
+        seconds = 0.0
+        while self._stalls and self._stalls[0][1].query():
+            before, after = self._stalls.popleft()
+            seconds += before.elapsed_time(after) / 1e3
+        return seconds
+
+    def synchronize(self, event: Event) -> None:
+        event.synchronize()  # torch.cuda.Event.wait() would be a stream wait, not a host wait
 
     def mark_read(self, buffers: list[torch.Tensor]) -> Event:
         event = torch.cuda.Event()
@@ -85,6 +115,7 @@ class DelayedCopyEngine:
     def __init__(self, delay_s: float = 0.0):
         self.delay_s = delay_s
         self.violations: list[str] = []
+        self._stalled_s = 0.0
         self._last_reader: dict[int, CpuEvent] = {}
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None  # started by the first copy
@@ -100,10 +131,18 @@ class DelayedCopyEngine:
         self._queue.put((dst, src, after, done))
         return done
 
-    def wait(self, event: Event) -> float:
+    def wait(self, events: list[Event]) -> None:
         start = time.perf_counter()
+        for event in events:
+            event.wait()
+        self._stalled_s += time.perf_counter() - start
+
+    def stall_seconds(self) -> float:
+        seconds, self._stalled_s = self._stalled_s, 0.0
+        return seconds
+
+    def synchronize(self, event: Event) -> None:
         event.wait()
-        return time.perf_counter() - start
 
     def mark_read(self, buffers: list[torch.Tensor]) -> Event:
         event = CpuEvent(done=True)

@@ -1,16 +1,20 @@
 """OffloadedExecutor: routed experts live in the host store; a pool of S GPU slots shared by all
-MoE layers caches them. Same kernel, same dispatch and same k-ordered combine as ResidentExecutor,
+MoE layers caches them. Same kernel, same dispatch and same k-ordered sum as ResidentExecutor,
 so its outputs are bitwise identical.
 
 Legend: T tokens, K experts per token, A = T*K assignments, D hidden, E experts, S slots.
 
 Per MoE layer: one host sync reads the experts the step needs; hits use their slots; each miss
 takes a free slot or the policy's victim (never an expert this layer needs), the copy into it
-starts after the slot's last reader, and compute waits for the copies. If the layer needs more
-experts than there are slots, it runs in rounds: each round computes its experts' assignment
-rows into one [A, D] buffer, and one k-ordered sum follows, as in resident combine.
+starts after the slot's last reader, and compute waits for the copies on the device. Overlap:
+with more tokens than the decode GEMV takes, the hits compute first while the misses stream in;
+in prefill, once a layer's copies are issued, the next MoE layer's experts (which a long prompt
+all but surely needs) start copying behind them into slots this layer does not need. If the layer
+needs more experts than there are slots, it runs in rounds. Rounds write their assignment rows
+into one [A, D] buffer and one k-ordered sum follows, the same sum the resident combine ends with.
 """
 
+import time
 from collections import Counter
 
 import torch
@@ -32,8 +36,8 @@ class OffloadedExecutor:
     sync_free = False  # reads the routing on the host every MoE layer
 
     def __init__(self, model_spec: ModelSpec, dtype: torch.dtype, device: torch.device | str, num_slots: int,
-                 eviction: str | EvictionPolicy = "lru", copy_engine: CopyEngine | None = None,
-                 host_experts: int | None = None):
+                 eviction: str | EvictionPolicy = "layer", copy_engine: CopyEngine | None = None,
+                 host_experts: int | None = None, prefetch_next_layer: bool = True):
         device = torch.device(device)
         self.spec = model_spec.moe
         self.layout = ExpertLayout(model_spec.hidden_size, self.spec.intermediate_size, dtype, self.spec.expert_bias)
@@ -51,52 +55,100 @@ class OffloadedExecutor:
         self.misses: Counter[int] = Counter()
         self.bytes_copied = 0
         self.copy_wait_s = 0.0
+        self.routing_sync_s = 0.0  # host time blocked reading the routing (includes the GPU catching up)
+        self.tokens = 0  # tokens through the first MoE layer
+        self.prefetch_next_layer = prefetch_next_layer
+        self.prefetched: set[ExpertId] = set()  # loaded ahead of their layer, not used yet
+        self.prefetch_loads = 0
+        self.prefetch_used = 0
 
     @property
     def expert_weights(self) -> ExpertWeights:
         return self.store
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        started = time.perf_counter()
         needed = torch.unique(routing.topk_ids_TK).tolist()  # the one host sync of the layer
+        self.routing_sync_s += time.perf_counter() - started
+        if layer == self.moe_layers[0]:
+            self.tokens += x_TD.shape[0]
         self.planner.access(layer, needed)
-        round_experts = self._load_round(layer, needed)
-        if len(round_experts) == len(needed):
+        hits, loads = self._plan_and_copy(layer, needed)
+        ready = sorted(hits + loads)
+        if len(ready) == len(needed):
+            self._prefetch_after(layer, x_TD.shape[0], needed)
+        overlap = bool(hits and loads) and x_TD.shape[0] > GEMV_MAX_TOKENS
+        if len(ready) == len(needed) and not overlap:
+            self._wait_for_copies(layer, ready)
             y_TD = self._compute_all(layer, x_TD, routing)
-            self._mark_read(layer, needed)
+            self._mark_read(layer, ready)
             return y_TD
+        # Rounds: the hits compute while the misses stream in (overlap); a pool smaller than the
+        # layer's needs loads the rest after each round's reads.
+        rounds = [sorted(hits), sorted(loads)] if overlap else [ready]
         out_AD = torch.empty(routing.topk_ids_TK.numel(), x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device)
         remaining = needed
-        while True:
-            self._compute_round(layer, x_TD, routing, round_experts, out_AD)
-            self._mark_read(layer, round_experts)
-            done = set(round_experts)
+        while rounds:
+            for experts in rounds:
+                self._wait_for_copies(layer, experts)
+                self._compute_round(layer, x_TD, routing, experts, out_AD)
+                self._mark_read(layer, experts)
+            done = {e for experts in rounds for e in experts}
             remaining = [e for e in remaining if e not in done]
-            if not remaining:
-                return weighted_k_sum(out_AD, routing.topk_weights_TK)
-            round_experts = self._load_round(layer, remaining)
+            if remaining:
+                hits, loads = self._plan_and_copy(layer, remaining)
+                rounds = [sorted(hits + loads)]
+            else:
+                rounds = []
+        return weighted_k_sum(out_AD, routing.topk_weights_TK)
 
     # --- planning and copies ----------------------------------------------------------------
 
-    def _load_round(self, layer: int, experts: list[int]) -> list[int]:
-        """Makes as many of `experts` resident as fit beside the hits; returns them (sorted)."""
-        hits, loads = self.planner.plan_round(layer, experts)
+    def _plan_and_copy(self, layer: int, experts: list[int], keep: frozenset[ExpertId] = frozenset(),
+                       prefetch: bool = False) -> tuple[list[int], list[int]]:
+        """Plans as many of `experts` as fit beside the hits (never evicting `keep`) and starts the
+        copies of the misses: (hits, loads)."""
+        hits, loads = self.planner.plan_round(layer, experts, keep)
         for e, slot, evicted in loads:
             expert = ExpertId(layer, e)
-            filled = self.copy_engine.copy(self.pool.slot_bytes_S[slot], self.store.buffers[expert], self.pool.last_read[slot])
+            filled = self.store.copy_in(expert, self.pool.slot_bytes_S[slot], self.copy_engine, self.pool.last_read[slot])
             self.pool.assign(slot, expert, evicted, filled)
             self.bytes_copied += self.layout.slot_bytes
-        self.hits[layer] += len(hits)
-        self.misses[layer] += len(loads)
-        round_experts = sorted(hits + [e for e, _, _ in loads])
-        self._wait_for_copies(layer, round_experts)
-        return round_experts
+            self.prefetched.discard(evicted)
+        loaded = [e for e, _, _ in loads]
+        if prefetch:
+            self.prefetched.update(ExpertId(layer, e) for e in loaded)
+            return hits, loaded
+        # A prefetched expert counts as the miss it was when first used; its copy is not counted twice.
+        early = [e for e in hits if ExpertId(layer, e) in self.prefetched]
+        self.prefetched.difference_update(ExpertId(layer, e) for e in early)
+        self.hits[layer] += len(hits) - len(early)
+        self.misses[layer] += len(loads) + len(early)
+        self.prefetch_used += len(early)
+        return hits, loaded
+
+    def _prefetch_after(self, layer: int, num_tokens: int, needed: list[int]) -> None:
+        """In prefill, the next MoE layer will need (nearly) every expert: its copies start now,
+        behind this layer's, into slots this layer does not need, so they run while it computes."""
+        position = self.moe_layers.index(layer)
+        if position + 1 == len(self.moe_layers) or not self.prefetch_next_layer:
+            return
+        num_experts, top_k = self.spec.num_experts, self.spec.top_k
+        if num_experts * (1 - top_k / num_experts) ** num_tokens >= 0.5:  # expected unused experts
+            return
+        keep = frozenset(ExpertId(layer, e) for e in needed)
+        _, loaded = self._plan_and_copy(self.moe_layers[position + 1], list(range(num_experts)), keep, prefetch=True)
+        self.prefetch_loads += len(loaded)
 
     def _wait_for_copies(self, layer: int, experts: list[int]) -> None:
+        pending = []
         for e in experts:
             slot = self.planner.slot_of[ExpertId(layer, e)]
             if self.pool.filled[slot] is not None:
-                self.copy_wait_s += self.copy_engine.wait(self.pool.filled[slot])
+                pending.append(self.pool.filled[slot])
                 self.pool.filled[slot] = None
+        self.copy_engine.wait(pending)
+        self.copy_wait_s += self.copy_engine.stall_seconds()
 
     def _mark_read(self, layer: int, experts: list[int]) -> None:
         slots = [self.planner.slot_of[ExpertId(layer, e)] for e in experts]
@@ -130,6 +182,7 @@ class OffloadedExecutor:
     # --- stats ------------------------------------------------------------------------------
 
     def stats(self) -> dict:
+        self.copy_wait_s += self.copy_engine.stall_seconds()
         hits, misses = sum(self.hits.values()), sum(self.misses.values())
         return {
             "executor": "offloaded",
@@ -142,6 +195,14 @@ class OffloadedExecutor:
             "misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
             "bytes_copied": self.bytes_copied,
-            "copy_wait_s": self.copy_wait_s,
+            "copy_wait_s": self.copy_wait_s,  # compute standing still for copies (device time on CUDA)
+            "disk_bytes_read": self.store.disk_bytes_read,
+            "disk_read_s": self.store.disk_read_s,
+            "disk_direct_io": self.store.disk.direct if self.store.disk is not None else None,
+            "routing_sync_s": self.routing_sync_s,
+            "tokens": self.tokens,
+            "prefetch_loads": self.prefetch_loads,  # copies started a layer ahead (prefill)
+            "prefetch_used": self.prefetch_used,  # of those, used by their layer (counted as its misses)
+            "slot_occupancy": sum(h is not None for h in self.planner.holder) / self.pool.num_slots,
             "layers": {layer: {"hits": self.hits[layer], "misses": self.misses[layer]} for layer in self.moe_layers},
         }

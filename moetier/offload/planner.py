@@ -7,6 +7,9 @@ else the policy's victim among the other holders; when nothing can be evicted th
 the rest of the layer's experts go to the next round.
 """
 
+import heapq
+from collections import defaultdict
+
 from moetier.moe.experts import ExpertId
 from moetier.offload.cache import EvictionPolicy
 
@@ -18,30 +21,39 @@ class SlotPlanner:
         self.policy = policy
         self.holder: list[ExpertId | None] = [None] * num_slots  # slot -> expert
         self.slot_of: dict[ExpertId, int] = {}  # expert -> slot
+        self.resident: defaultdict[int, set[ExpertId]] = defaultdict(set)  # layer -> its experts in slots
+        self.free = list(range(num_slots))  # a heap: the lowest free slot first
 
     def access(self, layer: int, experts: list[int]) -> None:
         for e in experts:
             self.policy.access(ExpertId(layer, e))
 
-    def plan_round(self, layer: int, experts: list[int]) -> tuple[list[int], list[tuple[int, int, ExpertId | None]]]:
-        """Makes as many of `experts` resident as fit beside the hits: (hits, loads), each load being
-        (expert, slot, evicted expert or None). The bookkeeping is updated as if the loads were done."""
+    def plan_round(self, layer: int, experts: list[int], keep: frozenset[ExpertId] = frozenset()
+                   ) -> tuple[list[int], list[tuple[int, int, ExpertId | None]]]:
+        """Makes as many of `experts` resident as fit beside the hits and `keep`: (hits, loads), each
+        load being (expert, slot, evicted expert or None). The bookkeeping is updated as if the loads
+        were done."""
         hits = [e for e in experts if ExpertId(layer, e) in self.slot_of]
-        protected = {ExpertId(layer, e) for e in hits}
+        protected = {ExpertId(layer, e) for e in hits} | keep
         loads = []
         for e in experts:
             expert = ExpertId(layer, e)
             if expert in protected:
                 continue
-            slot = next((s for s, held in enumerate(self.holder) if held is None), None)
             evicted = None
-            if slot is None:
-                evicted = self.policy.victim([h for h in self.holder if h is not None and h not in protected])
+            if self.free:
+                slot = heapq.heappop(self.free)
+            else:
+                evicted = self.policy.choose(self.resident, protected)
                 if evicted is None:
                     break
                 slot = self.slot_of.pop(evicted)
+                self.resident[evicted.layer].discard(evicted)
+                self.policy.evicted(evicted)
             self.holder[slot] = expert
             self.slot_of[expert] = slot
+            self.resident[layer].add(expert)
+            self.policy.loaded(expert)
             protected.add(expert)
             loads.append((e, slot, evicted))
         return hits, loads

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# On the device machine: the tiered-offloading benchmark (dummy bf16 weights, uniform routing), in
+# stages that each fit one device call. Every run is its own process; an nvidia-smi log gives each
+# one's NVML peak (benchmarks/nvml_peak.py).
+#   STAGE=small   GPU tests, calibration, OLMoE-1B-7B at 4 GiB, Qwen3-30B-A3B at 12 GiB (+ naive baseline)
+#   STAGE=mixtral Mixtral-8x7B at 24 and 40 GiB (+ naive baseline at 24 GiB)
+#   STAGE=peers   transformers + accelerate offload at the same budgets; OLMoE served from disk
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STAGE=${STAGE:-small}
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits -lms 200 > /tmp/nvml.csv 2>/dev/null &
+
+bench() {  # name timeout script args...
+  local name=$1 limit=$2 script=$3; shift 3
+  timeout "$limit" python3 $script "$@" > "$OUT/$name.json" 2> "/tmp/$name.err"
+  grep -v DEBUG "/tmp/$name.err" | tail -3
+  python3 benchmarks/nvml_peak.py /tmp/nvml.csv "$OUT/$name.json" 2>&1 | tail -1
+  python3 - "$OUT/$name.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(sys.argv[1], "load_s", r.get("load_s"), "offload", {k: v for k, v in r.get("offload", {}).items() if k != "layers"})
+for p in r.get("prefill", []): print("  prefill", p)
+for d in r.get("decode", []): print("  decode", d)
+PY
+}
+offload() {  # name shape budget timeout extra...
+  local name=$1 shape=$2 budget=$3 limit=$4; shift 4
+  bench "$name" "$limit" "-m moetier.cli bench" --model benchmarks/configs/$shape --load-format dummy --dtype bfloat16 \
+    --gpu-memory "$budget" --prompt-len 512 --prefill-lens 512 "$@"
+}
+naive() {
+  local name=$1 shape=$2 budget=$3 limit=$4; shift 4
+  bench "$name" "$limit" benchmarks/naive_offload.py --model benchmarks/configs/$shape --load-format dummy \
+    --dtype bfloat16 --gpu-memory "$budget" --prompt-len 512 --prefill-lens 512 "$@"
+}
+peer() {  # name shape budget timeout extra...
+  local name=$1 shape=$2 budget=$3 limit=$4; shift 4
+  timeout "$limit" python3 benchmarks/hf_offload_peer.py --config benchmarks/configs/$shape --gpu-memory "$budget" \
+    --max-seconds $((limit - 30)) "$@" > "$OUT/$name.json" 2> "/tmp/$name.err" || tail -5 "/tmp/$name.err"
+  python3 benchmarks/nvml_peak.py /tmp/nvml.csv "$OUT/$name.json" 2>&1 | tail -1; cat "$OUT/$name.json"
+}
+
+case $STAGE in
+small)
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    echo "commit ${COMMIT:-unknown}"; free -g | head -2; } | tee "$OUT/machine.txt"
+  timeout 240 python3 -m pytest -q -p no:logging tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+  grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.log" | head -30
+  timeout 90 python3 -m moetier.cli calibrate > "$OUT/calibration.json" 2>/dev/null; cat "$OUT/calibration.json"
+  offload olmoe_4gib olmoe-1b-7b 4GiB 100 --batch-sizes 1,8 --output-len 64
+  offload qwen3_12gib qwen3-30b-a3b 12GiB 170 --batch-sizes 1,8 --output-len 48
+  naive qwen3_12gib_naive qwen3-30b-a3b 12GiB 120 --batch-sizes 1 --output-len 16
+  ;;
+mixtral)
+  timeout 60 python3 -m moetier.cli calibrate > /dev/null 2>&1
+  offload mixtral_24gib mixtral-8x7b 24GiB 200 --batch-sizes 1,8 --output-len 20
+  offload mixtral_40gib mixtral-8x7b 40GiB 170 --batch-sizes 1,8 --output-len 20
+  naive mixtral_24gib_naive mixtral-8x7b 24GiB 150 --batch-sizes 1 --output-len 8
+  ;;
+peers)
+  timeout 60 python3 -m moetier.cli calibrate > /dev/null 2>&1
+  offload olmoe_4gib_disk olmoe-1b-7b 4GiB 100 --cpu-memory 2GiB --batch-sizes 1,8 --output-len 32
+  peer accelerate_olmoe_4gib olmoe-1b-7b 4GiB 90 --batch-sizes 1,8 --output-len 4
+  peer accelerate_qwen3_12gib qwen3-30b-a3b 12GiB 150 --batch-sizes 1 --output-len 3
+  peer accelerate_mixtral_24gib mixtral-8x7b 24GiB 220 --batch-sizes 1 --output-len 3
+  ;;
+esac
+kill %1 2>/dev/null

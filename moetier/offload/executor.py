@@ -171,7 +171,7 @@ class OffloadedExecutor:
         """The assignments of `experts` through their slots, written to their rows of out_AD."""
         bank, slot_of_expert_E = self.pool.bank, self.pool.device_table(layer)
         ids_A = routing.topk_ids_TK.reshape(-1)
-        rows_R = torch.isin(ids_A, torch.tensor(experts, device=ids_A.device)).nonzero().squeeze(1)  # ascending
+        rows_R = torch.isin(ids_A, _on_device(experts, ids_A.device)).nonzero().squeeze(1)  # ascending
         if self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS:  # every row computed, only this round's kept
             out_AD[rows_R] = gemv_experts(x_TD, slot_of_expert_E[ids_A].clamp(min=0), bank)[rows_R]
             return
@@ -206,3 +206,9 @@ class OffloadedExecutor:
             "slot_occupancy": sum(h is not None for h in self.planner.holder) / self.pool.num_slots,
             "layers": {layer: {"hits": self.hits[layer], "misses": self.misses[layer]} for layer in self.moe_layers},
         }
+
+
+def _on_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without blocking the host (pinned source, asynchronous copy)."""
+    host = torch.tensor(values)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host

@@ -39,6 +39,10 @@ class SlotPool:
     def device_table(self, layer: int) -> torch.Tensor:
         """The layer's expert -> slot table (int64 [E], -1 when absent) on the device, up to date."""
         if layer in self._dirty:
-            self.tables[layer].copy_(self.host_tables[layer], non_blocking=True)
+            # A fresh pinned copy per update: the copy is truly asynchronous (a pageable source would
+            # block the host until the stream got there) and the caching host allocator reuses its
+            # block only after the copy completed, so the host may edit its mirror right away.
+            table = self.host_tables[layer]
+            self.tables[layer].copy_(table.pin_memory() if self.tables[layer].is_cuda else table, non_blocking=True)
             self._dirty.discard(layer)
         return self.tables[layer]

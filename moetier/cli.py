@@ -347,7 +347,7 @@ def _fit(args) -> None:
     rows = [(f"weights: {name}", n) for name, n in plan["weights"].items() if n]
     rows += [(f"host: {name}", n) for name, n in plan["host_weights"].items()]
     rows += [(f"KV cache ({report['max_num_seqs']} x {report['max_model_len']} tokens)", plan["kv_cache"]),
-             ("reserve (CUDA context, workspace, graphs)", plan["reserve"]),
+             ("reserve (CUDA context, workspace, graphs, activations)", plan["reserve"]),
              (f"expert slots ({plan['num_slots']} x {plan['slot_bytes']} bytes)", plan["experts_on_device"]),
              ("total on the GPU", plan["gpu_total"]), ("GPU budget", plan["gpu_budget"])]
     if not plan["resident"]:

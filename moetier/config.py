@@ -117,7 +117,8 @@ def resolve_expert_slots(config: EngineConfig, spec: ModelSpec, dtype: torch.dty
             return host_plan, config.expert_slots
         return None, config.expert_slots
     plan = plan_memory(spec, dtype, max_model_len, config.max_num_seqs, config.block_size, config.gpu_memory,
-                       config.cpu_memory, expert_slots=config.expert_slots)
+                       config.cpu_memory, expert_slots=config.expert_slots,
+                       max_num_batched_tokens=config.max_num_batched_tokens)
     log.info(
         "memory plan for %s: weights %s, KV cache %s, reserve %s, %s (%d slots of %d bytes, %.0f%% of experts)",
         gib(plan.gpu_budget), gib(plan.non_expert), gib(plan.kv_cache), gib(plan.reserve),

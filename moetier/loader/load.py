@@ -88,5 +88,7 @@ def load_model(
         raise MoetierError(f"unknown --load-format {load_format!r} (choose auto, safetensors or dummy)")
     executor.expert_weights.finish_loading()
     model.fuse_projections()
+    if device.type == "cuda":  # the unfused projections and any staging go back to the driver (NVML)
+        torch.cuda.empty_cache()
     log.info("loaded %s (%s, %d layers) as %s on %s", source.model_dir, source.spec.architecture, source.spec.num_layers, dtype, device)
     return model, executor

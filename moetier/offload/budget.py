@@ -9,7 +9,8 @@ allocates on the device:
                       does not do yet, so it is a planner option only
   KV cache            KVCache: (blocks for max_num_seqs x max_model_len, plus one scratch block) x
                       block_size x the attention's per-token shapes, in the model dtype
-  reserve             RESERVE_BYTES for what the weights and KV cache do not account for: the CUDA
+  reserve             RESERVE_BYTES plus the activations of the largest step (activation_bytes)
+                      for what the weights and KV cache do not account for: the CUDA
                       context, kernel workspaces, CUDA-graph pools, activations, the slot tables
   expert slots        ExpertLayout.slot_bytes each, as many as fit in what is left
 
@@ -30,7 +31,8 @@ from moetier.offload.arena import DEFAULT_ALIGNMENT
 from moetier.offload.store import chunk_bytes_for, staging_arena_bytes
 
 GIB = 1 << 30
-# CUDA context (~0.5 GiB on an H100 with the kernels loaded), workspaces, graph pools, activations.
+# CUDA context and loaded kernels (~0.75 GiB by NVML on the device H100), workspaces, graph pools;
+# the activations of the largest step come on top (activation_bytes).
 RESERVE_BYTES = 1 * GIB
 # Assumed bandwidths when no calibration profile exists: an H100 (HBM3) on PCIe 5.0 x16, pinned copies.
 ASSUMED_DEVICE_GBPS = 3000.0
@@ -130,6 +132,15 @@ def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
     return sum(math.prod(shape) for layer in kv_cache_token_shapes(spec) for shape in layer) * dtype.itemsize
 
 
+def activation_bytes(spec: ModelSpec, dtype: torch.dtype, max_num_batched_tokens: int) -> int:
+    """A bound on a step's live activations: per token, its K expert rows through the grouped experts
+    (gathered input, gate/up output, activation and down output) and a few hidden-sized buffers of
+    the attention and norms."""
+    hidden, ffn, top_k = spec.hidden_size, spec.moe.intermediate_size, spec.moe.top_k
+    per_token = top_k * (2 * hidden + 3 * ffn) + 8 * hidden
+    return max_num_batched_tokens * per_token * dtype.itemsize
+
+
 def kv_cache_bytes(spec: ModelSpec, dtype: torch.dtype, max_model_len: int, max_num_seqs: int, block_size: int) -> int:
     """The KVCache the engine allocates: its blocks plus the CUDA-graph scratch block."""
     blocks = num_kv_blocks(max_model_len, max_num_seqs, block_size) + 1
@@ -205,13 +216,17 @@ def plan_memory(
     block_size: int,
     gpu_budget: str | int,
     cpu_budget: str | int | None = None,
-    reserve: int = RESERVE_BYTES,
+    reserve: int | None = None,
     embedding_on_host: bool = False,
     expert_slots: int | None = None,
+    max_num_batched_tokens: int = 2048,
 ) -> MemoryPlan:
     """The memory plan for a GPU budget; expert_slots given: checks that many slots fit instead of
-    choosing. Raises MoetierError when the non-expert part alone, or fewer than top_k slots, fit."""
+    choosing. Raises MoetierError when the non-expert part alone, or fewer than top_k slots, fit.
+    The reserve defaults to RESERVE_BYTES plus the activations of a max_num_batched_tokens step."""
     gpu = parse_size(gpu_budget)
+    if reserve is None:
+        reserve = RESERVE_BYTES + activation_bytes(spec, dtype, max_num_batched_tokens)
     cpu = None if cpu_budget is None else parse_size(cpu_budget)
     weights = non_expert_bytes(spec, dtype)
     host_weights = {}

@@ -3,6 +3,10 @@
 The graphs read static input buffers (token ids, positions, KV slots, block tables, context
 lengths); a step copies its inputs in and replays the smallest bucket that holds the batch.
 Padding rows point at a scratch KV block, so they never touch a real sequence's cache.
+
+An expert executor that reads the routing on the host (offloading) cannot be captured; for it,
+PiecewiseDecodeGraphs captures each bucket's step as one graph per stretch between expert calls
+(attention, norms, router, shared experts) and runs the executor eagerly between the replays.
 """
 
 import torch
@@ -11,6 +15,8 @@ from moetier.engine.batch import DecodeMeta, ForwardBatch
 from moetier.engine.kv_cache import KVCache
 from moetier.engine.scheduler import ScheduledSeq
 from moetier.models.transformer import CausalLM
+from moetier.moe.layer import MoELayer
+from moetier.moe.router import Routing
 
 _BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -64,6 +70,15 @@ class DecodeGraphs:
         return self.buckets[-1]
 
     def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        size = self._load_inputs(scheduled)
+        return self._replay(size, len(scheduled))
+
+    def _replay(self, size: int, n: int) -> torch.Tensor:
+        self.graphs[size].replay()
+        return self.logits[size][:n]
+
+    def _load_inputs(self, scheduled: list[ScheduledSeq]) -> int:
+        """Copies the step's inputs into the static buffers; returns the bucket that holds it."""
         n = len(scheduled)
         size = next(b for b in self.buckets if b >= n)
         block_size = self.kv_cache.block_size
@@ -85,5 +100,77 @@ class DecodeGraphs:
         self.slots[:size].copy_(torch.tensor(slots + [self.scratch_block * block_size] * pad), non_blocking=True)
         self.tables[:size].copy_(tables, non_blocking=True)
         self.ctx_lens[:size].copy_(ctx, non_blocking=True)
-        self.graphs[size].replay()
+        return size
+
+
+class _ExpertCall:
+    """One expert call of a captured step: its inputs (outputs of the graph before it) and the
+    static buffer the next graph reads its result from."""
+
+    def __init__(self, layer: int, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor):
+        self.layer, self.x_TD, self.routing, self.y_TD = layer, x_TD, routing, y_TD
+
+
+class _GraphBreaks:
+    """Stands in for the expert executor while a step is captured: at each expert call it ends the
+    graph being captured, starts the next one, and hands back an (uninitialised) static output."""
+
+    sync_free = True
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.calls: list[_ExpertCall] = []
+
+    def begin(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=self.pool)
+        self.graphs.append(graph)
+
+    def run(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        self.graphs[-1].capture_end()
+        self.begin()
+        y_TD = torch.empty_like(x_TD)  # no kernel: the replay fills it before the next graph runs
+        self.calls.append(_ExpertCall(layer, x_TD, routing, y_TD))
+        return y_TD
+
+
+class PiecewiseDecodeGraphs(DecodeGraphs):
+    """Decode graphs around an executor that syncs: per bucket, the graphs between expert calls.
+    The executor sees the rows of real sequences only, so padding rows cost no expert copies."""
+
+    def _capture(self, device: torch.device) -> None:
+        self.executor = self.model.executor
+        self.calls: dict[int, list[_ExpertCall]] = {}  # self.graphs[size]: the pieces, in order
+        pool = torch.cuda.graph_pool_handle()
+        moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
+        for size in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
+            batch = self._batch(size)
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self.model(batch, self.kv_cache.layers)  # warm-up with the real executor
+                torch.cuda.synchronize(device)
+                breaks = _GraphBreaks(pool)
+                for layer in moe_layers:
+                    layer.executor = breaks
+                try:
+                    breaks.begin()
+                    self.logits[size] = self.model(batch, self.kv_cache.layers)
+                    breaks.graphs[-1].capture_end()
+                finally:
+                    for layer in moe_layers:
+                        layer.executor = self.executor
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graphs[size], self.calls[size] = breaks.graphs, breaks.calls
+
+    def _replay(self, size: int, n: int) -> torch.Tensor:
+        pieces, calls = self.graphs[size], self.calls[size]
+        pieces[0].replay()
+        for call, graph in zip(calls, pieces[1:]):
+            routing = Routing(call.routing.topk_ids_TK[:n], call.routing.topk_weights_TK[:n])
+            call.y_TD[:n].copy_(self.executor.run(call.layer, call.x_TD[:n], routing))
+            if n < size:
+                call.y_TD[n:].zero_()  # padding rows: finite values, never read by a real row
+            graph.replay()
         return self.logits[size][:n]

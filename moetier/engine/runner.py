@@ -1,14 +1,14 @@
 """Runner: owns the device, the model and the KV cache; turns a schedule into logits.
 
-On CUDA with a GQA model, pure decode steps use the paged-decode kernel, and replay CUDA graphs
-when the expert kernel needs no host sync; everything else (prefill chunks, mixed steps, CPU)
-runs the model eagerly.
+On CUDA with a GQA model, pure decode steps use the paged-decode kernel and replay CUDA graphs:
+whole steps when the expert executor needs no host sync, else the pieces between its calls;
+everything else (prefill chunks, mixed steps, CPU) runs the model eagerly.
 """
 
 import torch
 
 from moetier.engine.batch import DecodeMeta, ForwardBatch, SeqSlice
-from moetier.engine.cuda_graphs import DecodeGraphs
+from moetier.engine.cuda_graphs import DecodeGraphs, PiecewiseDecodeGraphs
 from moetier.engine.kv_cache import KVCache
 from moetier.engine.scheduler import ScheduledSeq
 from moetier.kernels import paged_decode
@@ -39,8 +39,8 @@ class Runner:
         )
         self.graphs = None
         self._graph_args = (max_batch, max_blocks_per_seq, scratch_block)
-        if cuda_graphs and self.decode_kernel and model.executor.sync_free:
-            self.graphs = DecodeGraphs(model, kv_cache, *self._graph_args)
+        if cuda_graphs and self.decode_kernel:
+            self.graphs = self._capture_graphs()
         self.recorder = None  # a routing recorder: MoE layers write to it, run() closes each step
 
     def attach_recorder(self, recorder) -> None:
@@ -55,7 +55,11 @@ class Runner:
     def recapture_graphs(self) -> None:
         """After the model's step changed (an observer or a routing override was attached)."""
         if self.graphs is not None:
-            self.graphs = DecodeGraphs(self.model, self.kv_cache, *self._graph_args)
+            self.graphs = self._capture_graphs()
+
+    def _capture_graphs(self) -> DecodeGraphs:
+        graphs = DecodeGraphs if self.model.executor.sync_free else PiecewiseDecodeGraphs
+        return graphs(self.model, self.kv_cache, *self._graph_args)
 
     def prepare(self, scheduled: list[ScheduledSeq], all_logits: bool = False) -> ForwardBatch:
         block_size = self.kv_cache.block_size

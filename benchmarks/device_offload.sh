@@ -46,8 +46,11 @@ small)
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     echo "commit ${COMMIT:-unknown}"; free -g | head -2; } | tee "$OUT/machine.txt"
-  timeout 240 python3 -m pytest -q -p no:logging tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+  timeout 240 python3 -m pytest -q -p no:logging tests/test_gpu.py tests/test_disk_tier.py tests/test_calibrate.py \
+    > "$OUT/gpu_tests.log" 2>&1
   grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.log" | head -30
+  # a crash (not a failed comparison) would crash the benchmarks too: stop here
+  if grep -qE "^E +[A-Za-z]*(Runtime|Type|Attribute|Value|Index)Error" "$OUT/gpu_tests.log"; then exit 1; fi
   timeout 90 python3 -m moetier.cli calibrate > "$OUT/calibration.json" 2>/dev/null; cat "$OUT/calibration.json"
   offload olmoe_4gib olmoe-1b-7b 4GiB 100 --batch-sizes 1,8 --output-len 64
   offload qwen3_12gib qwen3-30b-a3b 12GiB 170 --batch-sizes 1,8 --output-len 48

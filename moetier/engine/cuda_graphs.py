@@ -164,6 +164,7 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
             torch.cuda.current_stream(device).wait_stream(stream)
             self.graphs[size], self.calls[size] = breaks.graphs, breaks.calls
 
+    @torch.inference_mode()  # the pieces' outputs are inference tensors; the executor writes them
     def _replay(self, size: int, n: int) -> torch.Tensor:
         pieces, calls = self.graphs[size], self.calls[size]
         pieces[0].replay()

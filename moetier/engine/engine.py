@@ -16,6 +16,7 @@ from moetier.engine.sequence import Sequence
 from moetier.errors import MoetierError
 from moetier.loader.load import load_model, read_source
 from moetier.loader.resolve import resolve_model_dir
+from moetier.offload.budget import CONTEXT_BYTES
 from moetier.sampling_params import SamplingParams
 from moetier.tokenizer import Tokenizer, read_stop_token_ids
 
@@ -38,12 +39,21 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
+def cap_allocator(device: torch.device, gpu_budget: int) -> None:
+    """Caps torch's caching allocator at the budget less what NVML counts beyond it (context and
+    kernels): past the cap it frees its cached blocks before it grows, so the process stays in budget."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(max(gpu_budget - CONTEXT_BYTES, 0) / total, device)
+
+
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.source = read_source(resolve_model_dir(config.model))
         self.resolved = resolve(config, self.source.model_dir, self.source.spec)
         r = self.resolved
+        if r.memory_plan is not None and r.device.type == "cuda":
+            cap_allocator(r.device, r.memory_plan.gpu_budget)
         self.model, self.executor = load_model(
             self.source, r.dtype, r.device, config.load_format, config.seed, r.expert_slots, config.eviction,
             r.host_experts,

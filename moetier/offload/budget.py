@@ -31,9 +31,12 @@ from moetier.offload.arena import DEFAULT_ALIGNMENT
 from moetier.offload.store import chunk_bytes_for, staging_arena_bytes
 
 GIB = 1 << 30
-# CUDA context and loaded kernels (~0.75 GiB by NVML on the device H100), workspaces, graph pools;
-# the activations of the largest step come on top (activation_bytes).
-RESERVE_BYTES = 1 * GIB
+# What NVML counts for the process beyond torch's allocator: the CUDA context and loaded kernels
+# (measured 0.75 GiB on the device H100 with every kernel of a run loaded).
+CONTEXT_BYTES = 3 * GIB // 4
+# That, plus workspaces and CUDA-graph pools; the activations of the largest step come on top
+# (activation_bytes).
+RESERVE_BYTES = 5 * GIB // 4
 # Assumed bandwidths when no calibration profile exists: an H100 (HBM3) on PCIe 5.0 x16, pinned copies.
 ASSUMED_DEVICE_GBPS = 3000.0
 ASSUMED_H2D_PINNED_GBPS = 52.0

@@ -101,7 +101,8 @@ class LayerAware(EvictionPolicy):
     experts when the pool holds less than one sweep's worth: the ones used longest ago are needed next."""
 
     def __init__(self, moe_layers: Iterable[int]):
-        self.position = {layer: i for i, layer in enumerate(moe_layers)}
+        self.layers = tuple(moe_layers)
+        self.position = {layer: i for i, layer in enumerate(self.layers)}
         self.current: int | None = None
         self.lru = LRU()
 
@@ -123,7 +124,7 @@ class LayerAware(EvictionPolicy):
         """The layers in victim order, each one's experts alone: the first layer with a candidate has it."""
         if self.current is None:
             return super().choose(resident, protected)
-        layers = sorted(self.position, key=self.position.get)
+        layers = self.layers
         num_layers = len(layers)
         for back in range(num_layers):  # the current layer (needed again last), then the ones behind it
             layer = layers[(self.current - back) % num_layers]

@@ -58,18 +58,14 @@ small)
   ;;
 mixtral)
   timeout 60 python3 -m moetier.cli calibrate > /dev/null 2>&1
-  offload mixtral_24gib mixtral-8x7b 24GiB 200 --batch-sizes 1,8 --output-len 20
-  offload mixtral_40gib mixtral-8x7b 40GiB 170 --batch-sizes 1,8 --output-len 20
+  offload mixtral_24gib mixtral-8x7b 24GiB 200 --batch-sizes 1,8 --output-len 16
+  offload mixtral_40gib mixtral-8x7b 40GiB 170 --batch-sizes 1,8 --output-len 12
   naive mixtral_24gib_naive mixtral-8x7b 24GiB 150 --batch-sizes 1 --output-len 8
-  if [ "$SECONDS" -lt 470 ]; then
-    timeout 100 python3 benchmarks/profile_offload.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB --batch 8 \
-      --steps 10 > "$OUT/profile_olmoe_b8.txt" 2>&1; head -c 2500 "$OUT/profile_olmoe_b8.txt"
-  fi
+  if [ "$SECONDS" -lt 480 ]; then peer accelerate_olmoe_4gib olmoe-1b-7b 4GiB 90 --batch-sizes 1,8 --output-len 4; fi
   ;;
 peers)
   timeout 60 python3 -m moetier.cli calibrate > /dev/null 2>&1
   offload olmoe_4gib_disk olmoe-1b-7b 4GiB 100 --cpu-memory 2GiB --batch-sizes 1,8 --output-len 32
-  peer accelerate_olmoe_4gib olmoe-1b-7b 4GiB 90 --batch-sizes 1,8 --output-len 4
   peer accelerate_qwen3_12gib qwen3-30b-a3b 12GiB 150 --batch-sizes 1 --output-len 3
   peer accelerate_mixtral_24gib mixtral-8x7b 24GiB 220 --batch-sizes 1 --output-len 3
   ;;

@@ -42,8 +42,9 @@ class RequestOutput:
 def cap_allocator(device: torch.device, gpu_budget: int) -> None:
     """Caps torch's caching allocator at the budget less what NVML counts beyond it (context and
     kernels): past the cap it frees its cached blocks before it grows, so the process stays in budget."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(max(gpu_budget - CONTEXT_BYTES, 0) / total, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(max(gpu_budget - CONTEXT_BYTES, 0) / total, 1.0), index)
 
 
 class Engine:

@@ -64,10 +64,9 @@ mixtral)
   if [ "$SECONDS" -lt 480 ]; then peer accelerate_olmoe_4gib olmoe-1b-7b 4GiB 90 --batch-sizes 1,8 --output-len 4; fi
   ;;
 peers)
-  timeout 60 python3 -m moetier.cli calibrate > /dev/null 2>&1
-  offload olmoe_4gib_disk olmoe-1b-7b 4GiB 100 --cpu-memory 2GiB --batch-sizes 1,8 --output-len 32
-  peer accelerate_qwen3_12gib qwen3-30b-a3b 12GiB 150 --batch-sizes 1 --output-len 3
-  peer accelerate_mixtral_24gib mixtral-8x7b 24GiB 220 --batch-sizes 1 --output-len 3
+  offload olmoe_4gib_disk olmoe-1b-7b 4GiB 100 --cpu-memory 2GiB --batch-sizes 1 --output-len 16
+  peer accelerate_qwen3_12gib qwen3-30b-a3b 12GiB 130 --batch-sizes 1 --output-len 3
+  peer accelerate_mixtral_24gib mixtral-8x7b 24GiB 200 --batch-sizes 1 --output-len 3
   ;;
 esac
 kill %1 2>/dev/null

@@ -17,6 +17,7 @@ import time
 import accelerate
 import torch
 import transformers
+from hf_peer import timed  # benchmarks/ is the script's directory, first on sys.path
 
 from moetier.gpu_memory import process_gpu_bytes
 
@@ -84,14 +85,6 @@ def dispatch(model: torch.nn.Module, device_map: dict) -> None:
     accelerate.dispatch_model(model, device_map=device_map, skip_keys=model._skip_keys_device_placement)
 
 
-def _timed(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def measure(model, args, deadline: float, accel: torch.device) -> dict:
     """Prefill per length and decode per batch; a measurement runs only if its forwards, at the
     slowest seconds per forward seen so far, fit before `deadline`."""
@@ -101,7 +94,7 @@ def measure(model, args, deadline: float, accel: torch.device) -> dict:
     def run(batch: int, prompt_len: int, new_tokens: int) -> float:
         nonlocal forward_s
         ids = torch.randint(0, vocab, (batch, prompt_len), device=accel)
-        seconds = _timed(lambda: model.generate(
+        seconds = timed(lambda: model.generate(
             ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0))
         forward_s = max(forward_s, seconds / new_tokens)
         return seconds

@@ -13,7 +13,8 @@ import torch
 import transformers
 
 
-def _timed(fn) -> float:
+def timed(fn) -> float:
+    """Seconds fn() takes on the GPU, synchronized on both sides."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
@@ -49,12 +50,12 @@ def main() -> None:
         prefill = []
         for length in [int(v) for v in args.prefill_lens.split(",") if v]:
             run(1, length, 1)()  # warm-up (and compilation)
-            seconds = min(_timed(run(1, length, 1)) for _ in range(3))
+            seconds = min(timed(run(1, length, 1)) for _ in range(3))
             prefill.append({"tokens": length, "tok_s": round(length / seconds, 1)})
         report["prefill"] = prefill
         run(args.batch, args.prompt_len, args.output_len)()  # warm-up (and compilation)
-        first = _timed(run(args.batch, args.prompt_len, 1))
-        total = _timed(run(args.batch, args.prompt_len, args.output_len))
+        first = timed(run(args.batch, args.prompt_len, 1))
+        total = timed(run(args.batch, args.prompt_len, args.output_len))
         decode_s = (total - first) / (args.output_len - 1)
         report["decode"] = {"batch": args.batch, "tok_s": round(args.batch / decode_s, 2), "step_ms": round(decode_s * 1e3, 2)}
     print(json.dumps(report))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from moetier.errors import MoetierError
 from moetier.llm import LLM
 from moetier.sampling_params import SamplingParams
-from moetier.trace.analyze import analyze, write_report
+from moetier.trace.analyze import analyze, summary_markdown, write_report
 from moetier.trace.format import RoutingTrace, load_trace
 from moetier.trace.record import record, text_windows
 from moetier.trace.recorder import attach_recorder
@@ -153,6 +153,20 @@ def test_affinity_rows_with_top2():
     stats = analyze(make_trace([[[0, 1]], [[2, 3]]], [0], [0]))
     np.testing.assert_allclose(stats.affinity[0][:2], [[0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]])
     assert stats.affinity_mass[0][1] == pytest.approx(0.5)
+
+
+def test_coactivation_clusters_hand_worked():
+    # Tokens choose {0,1}, {0,1}, {2,3}, {2,3}, {0,2}: pairs 0-1 twice, 2-3 twice, 0-2 once.
+    trace = make_trace([[[0, 1], [0, 1], [2, 3], [2, 3], [0, 2]]], [0] * 5, range(5))
+    stats = analyze(trace)
+    # P(partner | a): 0 -> 1 (2/3), 1 -> 0 (1), 2 -> 3 (2/3), 3 -> 2 (1); weighted by 3, 2, 3, 2 of 10.
+    assert stats.partner_share[0] == pytest.approx(0.8)
+    groups = stats.clusters[0]  # 2 groups for 4 experts
+    assert groups.labels_E[0] == groups.labels_E[1] != groups.labels_E[2] == groups.labels_E[3]
+    assert groups.within_share == pytest.approx(4 / 5) and groups.random_share == pytest.approx(4 / 12)
+    assert "| 0 | 0.800 | 0.800 | 0.333 | 2, 2 |" in summary_markdown(trace, stats)
+    top1 = analyze(hand_trace())
+    assert top1.clusters == [None, None] and all(math.isnan(m) for m in top1.partner_share)
 
 
 def test_write_report(tmp_path):

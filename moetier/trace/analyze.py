@@ -12,6 +12,14 @@ Definitions (per MoE layer; tokens of a sequence ordered by position):
 - inter-layer affinity, consecutive MoE layers (l, l+1): C[a, b] counts the tokens choosing a at l
   and b at l+1; P(b | a) = C[a, b] / sum_b C[a, b] (each row sums to 1). Top-m mass: the m largest
   entries of row a summed, averaged over a weighted by a's popularity at l (uniform routing: m / E).
+- co-activation (one layer, K >= 2): M[a, b] counts the tokens choosing both a and b; P(b | a) =
+  M[a, b] / n_a (summing to K - 1 over b). Partner share: the K - 1 largest P(b | a) summed over
+  K - 1, averaged weighted by n_a: how much of a's company its K - 1 usual partners keep (uniform
+  top-K routing: (K - 1) / (E - 1); 1 when a always comes with the same experts). Clusters: average-linkage clustering (scipy) of the experts on
+  1 - M[a, b] / sqrt(n_a n_b) (the cosine similarity of their token sets), cut into G groups;
+  within share = the co-activated pairs that fall inside a group over all of them, beside the share
+  a random grouping of the same sizes gets: sum_g s_g (s_g - 1) / (E (E - 1)). A high within share
+  says experts could be placed (on one GPU) or batched by group.
 """
 
 from dataclasses import dataclass
@@ -92,11 +100,52 @@ def top_mass(p_EE: np.ndarray, load_E: np.ndarray, m: int) -> float:
     return float((mass_E * load_E).sum() / load_E.sum()) if load_E.sum() else float("nan")
 
 
+def coactivation(ids_NK: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(M [E, E]: tokens choosing both a and b, zero diagonal; n [E]: tokens choosing a)."""
+    incidence_NE = np.zeros((ids_NK.shape[0], num_experts))
+    np.put_along_axis(incidence_NE, ids_NK.astype(np.int64), 1.0, axis=1)
+    both_EE = incidence_NE.T @ incidence_NE
+    chosen_E = np.diag(both_EE).copy()
+    np.fill_diagonal(both_EE, 0.0)
+    return both_EE, chosen_E
+
+
+def partner_share(both_EE: np.ndarray, chosen_E: np.ndarray, partners: int) -> float:
+    p_EE = np.divide(both_EE, chosen_E[:, None], out=np.zeros(both_EE.shape), where=chosen_E[:, None] > 0)
+    return top_mass(p_EE, chosen_E, partners) / partners
+
+
+@dataclass
+class Clusters:
+    labels_E: np.ndarray  # group of each expert, 1..G
+    within_share: float  # co-activated pairs inside a group / all co-activated pairs
+    random_share: float  # the same for a random grouping of the same sizes
+
+
+def clusters(both_EE: np.ndarray, chosen_E: np.ndarray, groups: int) -> Clusters:
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    scale_E = np.sqrt(np.maximum(chosen_E, 1.0))
+    distance_EE = 1.0 - both_EE / np.outer(scale_E, scale_E)
+    np.fill_diagonal(distance_EE, 0.0)
+    labels_E = fcluster(linkage(squareform(np.clip(distance_EE, 0.0, None), checks=False), "average"),
+                        t=groups, criterion="maxclust")
+    same_EE = labels_E[:, None] == labels_E[None, :]
+    total = both_EE.sum()
+    sizes = np.bincount(labels_E)
+    num_experts = len(chosen_E)
+    return Clusters(labels_E, float(both_EE[same_EE].sum() / total) if total else float("nan"),
+                    float((sizes * (sizes - 1)).sum() / (num_experts * (num_experts - 1))))
+
+
 @dataclass
 class TraceStats:
     layers: list[LayerStats]
     affinity: list[np.ndarray]  # per consecutive MoE-layer pair
     affinity_mass: list[dict[int, float]]
+    partner_share: list[float]  # per layer (nan for top-1 routing)
+    clusters: list[Clusters | None]  # per layer (None for top-1 routing)
 
 
 def analyze(trace: RoutingTrace) -> TraceStats:
@@ -111,7 +160,21 @@ def analyze(trace: RoutingTrace) -> TraceStats:
     pairs = [affinity(trace.expert_ids[i], trace.expert_ids[i + 1], trace.num_experts)
              for i in range(len(trace.moe_layers) - 1)]
     masses = [{m: top_mass(p, layers[i].load_E, m) for m in TOP_MASSES} for i, p in enumerate(pairs)]
-    return TraceStats(layers, pairs, masses)
+    partners, groups = [], []
+    for i in range(len(trace.moe_layers)):
+        if trace.top_k < 2:
+            partners.append(float("nan"))
+            groups.append(None)
+            continue
+        both_EE, chosen_E = coactivation(trace.expert_ids[i], trace.num_experts)
+        partners.append(partner_share(both_EE, chosen_E, trace.top_k - 1))
+        groups.append(clusters(both_EE, chosen_E, cluster_groups(trace.num_experts)))
+    return TraceStats(layers, pairs, masses, partners, groups)
+
+
+def cluster_groups(num_experts: int) -> int:
+    """Groups the co-activation clustering cuts into: 8 (as many GPUs as a node has), fewer for few experts."""
+    return max(2, min(8, num_experts // 4))
 
 
 def _fmt(v: float, digits: int = 3) -> str:
@@ -145,11 +208,25 @@ def summary_markdown(trace: RoutingTrace, stats: TraceStats) -> str:
         moe = trace.moe_layers.tolist()
         for i, mass in enumerate(stats.affinity_mass):
             lines.append(f"| {moe[i]} -> {moe[i + 1]} | " + " | ".join(_fmt(mass[m]) for m in TOP_MASSES) + " |")
+    if any(c is not None for c in stats.clusters):
+        E1 = E - 1
+        lines += ["", "## Co-activation", "",
+                  (f"Partner share: of the experts chosen with one, the part its {K - 1} usual partners make up "
+                   f"(uniform: {(K - 1) / E1:.3f}). Clusters: experts grouped into {cluster_groups(E)} by how often "
+                   "they are chosen together; the share of co-chosen pairs inside a group, beside a random "
+                   "grouping of the same sizes."), "",
+                  "| layer | partner share | within-group share | random grouping | group sizes |",
+                  "|---|---|---|---|---|"]
+        for s_, mass, c in zip(stats.layers, stats.partner_share, stats.clusters):
+            sizes = sorted(np.bincount(c.labels_E)[1:].tolist(), reverse=True)
+            lines.append(f"| {s_.layer} | {_fmt(mass)} | {_fmt(c.within_share)} | {_fmt(c.random_share)} | "
+                         f"{', '.join(map(str, sizes))} |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(trace: RoutingTrace, out_dir: str | Path) -> list[Path]:
-    """summary.md plus popularity.png, locality.png and affinity.png in out_dir; returns the paths."""
+    """summary.md plus popularity.png, locality.png, affinity.png (two MoE layers or more) and
+    coactivation.png (top-k >= 2) in out_dir; returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,5 +273,19 @@ def write_report(trace: RoutingTrace, out_dir: str | Path) -> list[Path]:
         axes[1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(paths[3], dpi=120)
+        plt.close(fig)
+    first = next((i for i, c in enumerate(stats.clusters) if c is not None), None)
+    if first is not None:
+        paths.append(out / "coactivation.png")
+        both_EE, chosen_E = coactivation(trace.expert_ids[first], trace.num_experts)
+        p_EE = np.divide(both_EE, chosen_E[:, None], out=np.zeros(both_EE.shape), where=chosen_E[:, None] > 0)
+        order = np.argsort(stats.clusters[first].labels_E, kind="stable")
+        fig, ax = plt.subplots(figsize=(5, 4))
+        im = ax.imshow(p_EE[np.ix_(order, order)], cmap="viridis", aspect="auto")
+        layer = trace.moe_layers.tolist()[first]
+        ax.set(xlabel="expert b (by group)", ylabel="expert a (by group)", title=f"P(b chosen with a), layer {layer}")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths

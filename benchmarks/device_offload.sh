@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On the device machine: the tiered-offloading benchmark (dummy bf16 weights, uniform routing), in
-# stages that each fit one device call. Every run is its own process; an nvidia-smi log gives each
+# On the device machine: the tiered-offloading benchmark (dummy bf16 weights, the dummy routers'
+# routing), in stages that each fit one device call; give COMMIT=<hash> (the device checkout has none). Every run is its own process; an nvidia-smi log gives each
 # one's NVML peak (benchmarks/nvml_peak.py).
 #   STAGE=small   GPU tests, calibration, OLMoE-1B-7B at 4 GiB, Qwen3-30B-A3B at 12 GiB (+ naive baseline)
 #   STAGE=mixtral Mixtral-8x7B at 24 and 40 GiB (+ naive baseline at 24 GiB)
@@ -55,6 +55,10 @@ small)
   offload olmoe_4gib olmoe-1b-7b 4GiB 100 --batch-sizes 1,8 --output-len 64
   offload qwen3_12gib qwen3-30b-a3b 12GiB 170 --batch-sizes 1,8 --output-len 48
   naive qwen3_12gib_naive qwen3-30b-a3b 12GiB 120 --batch-sizes 1 --output-len 16
+  if [ "$SECONDS" -lt 480 ]; then  # where an offloaded batch-8 decode step spends its time
+    timeout 100 python3 benchmarks/profile_offload.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB --batch 8 \
+      --steps 10 > "$OUT/profile_olmoe_b8.txt" 2>&1; head -c 2500 "$OUT/profile_olmoe_b8.txt"
+  fi
   ;;
 mixtral)
   timeout 60 python3 -m moetier.cli calibrate > /dev/null 2>&1

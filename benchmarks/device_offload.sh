@@ -5,6 +5,7 @@
 #   STAGE=small   GPU tests, calibration, OLMoE-1B-7B at 4 GiB, Qwen3-30B-A3B at 12 GiB (+ naive baseline)
 #   STAGE=mixtral Mixtral-8x7B at 24 and 40 GiB (+ naive baseline at 24 GiB)
 #   STAGE=peers   transformers + accelerate offload at the same budgets; OLMoE served from disk
+#   STAGE=serve   the serving sweep on OLMoE-1B-7B at a 4 GiB budget (carry .whl: the server's wheels)
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -71,6 +72,14 @@ peers)
   offload olmoe_4gib_disk olmoe-1b-7b 4GiB 100 --cpu-memory 2GiB --batch-sizes 1 --output-len 16
   peer accelerate_qwen3_12gib qwen3-30b-a3b 12GiB 130 --batch-sizes 1 --output-len 3
   peer accelerate_mixtral_24gib mixtral-8x7b 24GiB 200 --batch-sizes 1 --output-len 3
+  ;;
+serve)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site
+  LOG="$OUT/serve.log" OUT="$OUT/serve_olmoe_4gib.json" RATES=1,4,16,inf NUM_REQUESTS=64 DURATION=12 PYTHON=python3 \
+    timeout 400 bash benchmarks/serve_sweep.sh --max-num-seqs 32 --dtype bfloat16 --gpu-memory 4GiB \
+    > "$OUT/serve_sweep.txt" 2>&1
+  tail -c 2500 "$OUT/serve_sweep.txt"
   ;;
 esac
 kill %1 2>/dev/null

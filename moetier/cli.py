@@ -204,11 +204,11 @@ def stats_table(stats: dict, tokens: int) -> str:
     lines = [
         f"experts: offloaded, {stats['num_slots']} device slots of {stats['slot_bytes'] / 2**20:.2f} MiB",
         f"hit rate {stats['hit_rate']:.3f} ({stats['hits']} hits, {stats['misses']} misses) over {tokens} tokens",
-        f"host-to-device {stats['bytes_copied'] / 2**20:.1f} MiB ({stats['bytes_copied'] / per_token / 2**20:.2f} MiB/token), "
-        f"copy wait {stats['copy_wait_s'] * 1e3:.1f} ms ({stats['copy_wait_s'] * 1e3 / per_token:.3f} ms/token), "
-        f"routing read on the host {stats['routing_sync_s'] * 1e3 / per_token:.3f} ms/token",
-        f"prefetched a layer ahead (prefill) {stats['prefetch_loads']}, used {stats['prefetch_used']}; "
-        f"slot occupancy {stats['slot_occupancy']:.2f}",
+        (f"host-to-device {stats['bytes_copied'] / 2**20:.1f} MiB ({stats['bytes_copied'] / per_token / 2**20:.2f} "
+         f"MiB/token), copy wait {stats['copy_wait_s'] * 1e3:.1f} ms ({stats['copy_wait_s'] * 1e3 / per_token:.3f} "
+         f"ms/token), routing read on the host {stats['routing_sync_s'] * 1e3 / per_token:.3f} ms/token"),
+        (f"experts copied a layer ahead {stats['prefetch_loads']}, used {stats['prefetch_used']}; "
+         f"slot occupancy {stats['slot_occupancy']:.2f}"),
         "layer  hits  misses  hit rate",
     ]
     for layer, counts in stats["layers"].items():

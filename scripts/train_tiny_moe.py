@@ -31,6 +31,10 @@ Recipe:
     python scripts/train_tiny_moe.py --out /tmp/tiny-moe                    # one run
     python scripts/train_tiny_moe.py --out /tmp/tiny-moe --epochs 6,12,24   # variants, best kept
     python scripts/train_tiny_moe.py --plot /tmp/tiny-moe/stats.json --out loss_curve.png
+    python scripts/train_tiny_moe.py --preset donor-olmoe-1b-7b --out /tmp/donor --time-budget 120
+
+Routing donors (`--preset donor-*`) share this recipe with the routing shape of a benchmark model;
+benchmarks/device_donors.sh trains and traces all three on the device machine.
 """
 
 from __future__ import annotations
@@ -66,6 +70,25 @@ PRESETS = {
     "default": dict(
         hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
         head_dim=64, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=56,
+    ),
+    # Routing donors: the routing shape (MoE layers x experts, top-k) of a benchmark model on a small
+    # hidden size, with its family's gate normalisation and load-balancing coefficient, so that
+    # their traces replay onto dummy weights of that shape (`moetier bench --routing replay:...`).
+    # Trained, traced on held-out text, and not shipped (benchmarks/device_donors.sh).
+    "donor-mixtral-8x7b": dict(  # 32 x 8, top-2, softmax top-k renormalised, aux 0.02
+        hidden_size=128, num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96,
+        norm_topk_prob=True, router_aux_loss_coef=0.02,
+    ),
+    "donor-qwen3-30b-a3b": dict(  # 48 x 128, top-8, renormalised, aux 0.001
+        hidden_size=128, num_hidden_layers=48, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=16,
+        norm_topk_prob=True, router_aux_loss_coef=0.001,
+    ),
+    "donor-olmoe-1b-7b": dict(  # 16 x 64, top-8, softmax weights not renormalised, aux 0.01
+        hidden_size=128, num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=24,
+        norm_topk_prob=False, router_aux_loss_coef=0.01,
     ),
     # a CPU-sized shape to test the script end to end
     "tiny": dict(
@@ -281,16 +304,18 @@ def continuations(model, tokenizer: Tokenizer, prompts: list[str], device, new_t
 
 
 def build_config(args, vocab: int) -> Qwen3MoeConfig:
-    shape = PRESETS[args.preset]
+    shape = dict(PRESETS[args.preset])
+    norm_topk_prob = shape.pop("norm_topk_prob", True)
+    aux_coef = shape.pop("router_aux_loss_coef", args.aux_coef)
     return Qwen3MoeConfig(
         vocab_size=vocab,
         intermediate_size=shape["moe_intermediate_size"] * shape["num_experts_per_tok"],  # unused
         max_position_embeddings=args.seq_len,
         decoder_sparse_step=1,
         mlp_only_layers=[],
-        norm_topk_prob=True,
+        norm_topk_prob=norm_topk_prob,
         output_router_logits=True,
-        router_aux_loss_coef=args.aux_coef,
+        router_aux_loss_coef=aux_coef,
         tie_word_embeddings=True,
         rms_norm_eps=1e-6,
         bos_token_id=EOS_ID,

@@ -11,6 +11,7 @@ answer it from a layer's or the streaming slots' experts alone. `loaded` / `evic
 which experts hold slots.
 """
 
+import heapq
 import itertools
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -40,17 +41,45 @@ class EvictionPolicy(ABC):
 
 
 class LRU(EvictionPolicy):
-    """Evicts the candidate used least recently (never-used first, then by id)."""
+    """Evicts the candidate used least recently (never-used first, then by id). `choose` keeps a heap
+    of (last use, expert) with stale entries dropped as they surface, so a miss costs a few heap
+    operations rather than a pass over every slot."""
 
     def __init__(self):
         self._clock = itertools.count(1)
         self.last_use: dict[ExpertId, int] = {}
+        self._resident: set[ExpertId] = set()
+        self._heap: list[tuple[int, ExpertId]] = []
 
     def access(self, expert: ExpertId) -> None:
         self.last_use[expert] = next(self._clock)
+        if expert in self._resident:
+            heapq.heappush(self._heap, (self.last_use[expert], expert))
 
     def victim(self, candidates: Collection[ExpertId]) -> ExpertId | None:
         return min(candidates, key=lambda e: (self.last_use.get(e, 0), e), default=None)
+
+    def loaded(self, expert: ExpertId) -> None:
+        self._resident.add(expert)
+        heapq.heappush(self._heap, (self.last_use.get(expert, 0), expert))
+
+    def evicted(self, expert: ExpertId) -> None:
+        self._resident.discard(expert)  # its heap entries go stale
+
+    def choose(self, resident: Resident, protected: Collection[ExpertId]) -> ExpertId | None:
+        skipped, found = [], None
+        while self._heap:
+            use, expert = self._heap[0]
+            if expert not in self._resident or use != self.last_use.get(expert, 0):
+                heapq.heappop(self._heap)  # evicted since, or used again later
+            elif expert in protected:
+                skipped.append(heapq.heappop(self._heap))
+            else:
+                found = expert
+                break
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        return found
 
 
 class LFU(EvictionPolicy):

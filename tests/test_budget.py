@@ -196,7 +196,7 @@ def _budget_for(path: str, slots: int) -> int:
     return plan.reserve + plan.non_expert + plan.kv_cache + slots * plan.slot_bytes + plan.slot_bytes // 2
 
 
-def test_engine_uses_the_planned_slots_bitwise(qwen3):
+def test_engine_uses_the_planned_slots_bitwise(qwen3, monkeypatch, tmp_path):
     resident = LLM(qwen3, dtype="float32", max_model_len=128)
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     ref = ([resident.score(ids) for ids in PROMPTS], [o.token_ids for o in resident.generate(PROMPTS, params)])
@@ -216,6 +216,7 @@ def test_engine_uses_the_planned_slots_bitwise(qwen3):
     with pytest.raises(MoetierError, match="6 expert slots need"):
         LLM(qwen3, dtype="float32", max_model_len=128, gpu_memory=_budget_for(qwen3, 5), expert_slots=6)
     # A host cap of just the disk reads' staging ring: every expert is served from disk, still bitwise equal.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the disk tier's file stays out of the user's cache
     staging = staging_arena_bytes(roomy.engine.executor.layout)
     on_disk = LLM(qwen3, dtype="float32", max_model_len=128, expert_slots=3, cpu_memory=staging)
     assert on_disk.stats()["disk_experts"] == 24

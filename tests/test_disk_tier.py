@@ -185,6 +185,41 @@ def test_all_on_disk_with_a_one_buffer_ring_is_bitwise_resident(monkeypatch, tmp
     assert store.disk_bytes_read > 0 and store.disk_bytes_read % store.disk.stride == 0
 
 
+@pytest.mark.parametrize("load_format", ["safetensors", "dummy"])
+def test_disk_tier_is_built_once_and_reused(monkeypatch, tmp_path, load_format):
+    """The packed file is keyed by the checkpoint (or the dummy seed) and the layout: a second load
+    writes nothing to it and gives the same outputs; a changed checkpoint gets a new file."""
+    path = tmp_path / "qwen3"
+    make_checkpoint("qwen3_moe", path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "moetier" / "experts"
+    options = {"dtype": "float32", "max_model_len": 128, "device": "cpu", "load_format": load_format, "seed": 3}
+    resident = LLM(str(path), **options)
+    staging = store_module.staging_arena_bytes(resident.engine.executor.layout)
+    first = LLM(str(path), expert_slots=3, cpu_memory=staging, **options)
+    assert not first.engine.executor.store.disk.reused
+    [built] = list(cache.iterdir())  # complete, under its final name; no partial file left
+    assert built.suffix == ".experts"
+    second = LLM(str(path), expert_slots=3, cpu_memory=staging, **options)
+    store = second.engine.executor.store
+    assert store.disk.reused and not store.disk.writable and store.expert_part(next(iter(store.disk_index)), "down") is None
+    assert all(torch.equal(second.score(ids), resident.score(ids)) for ids in PROMPTS)
+    shard = next(path.glob("*.safetensors"))
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # the checkpoint changed
+    third = LLM(str(path), expert_slots=3, cpu_memory=staging, **options)
+    assert third.engine.executor.store.disk.reused == (load_format == "dummy")  # dummy: config and seed only
+    assert len(list(cache.iterdir())) == (1 if load_format == "dummy" else 2)
+
+
+def test_an_unfinished_named_file_leaves_nothing(tmp_path):
+    packed = PackedExpertFile(3, 5000, tmp_path, name="k")
+    packed.view(0).fill_(1)
+    assert [p.name for p in tmp_path.iterdir()] == [f"k.experts.partial-{os.getpid()}"]
+    packed.close()  # as a process that fails while loading
+    assert list(tmp_path.iterdir()) == []
+    assert not PackedExpertFile(3, 5000, tmp_path, name="k").reused
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("staging_buffers", [1, 4])
 def test_disk_experts_reach_the_gpu_exactly(monkeypatch, tmp_path, staging_buffers):

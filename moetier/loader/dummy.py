@@ -56,4 +56,6 @@ def _fill_experts(weights: ExpertWeights, generator: torch.Generator, device: to
         if not direct:
             for e in range(weights.num_experts):
                 for part, tensor in stacked.items():
-                    weights.expert_part(ExpertId(layer, e), part).copy_(tensor[e])
+                    target = weights.expert_part(ExpertId(layer, e), part)
+                    if target is not None:  # None: already stored (a reused disk tier)
+                        target.copy_(tensor[e])

@@ -1,5 +1,6 @@
 """Build a model from a checkpoint directory: read config, build on meta, materialise, fill."""
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,24 +40,41 @@ def read_source(model_dir: Path) -> ModelSource:
     return ModelSource(model_dir, config, family, family.read_spec(config))
 
 
+def disk_tier_key(source: ModelSource, dtype: torch.dtype, device: torch.device, load_format: str, seed: int) -> str:
+    """What the experts' bytes depend on, hashed: the checkpoint's shards and config (name, size,
+    modification time), or for dummy weights the config, the seed and the device that drew them;
+    and the dtype. A changed checkpoint gets a new disk tier file; the same one reuses it."""
+    digest = hashlib.sha256(f"moetier-disk-tier-v1|{source.model_dir.resolve()}|{dtype}".encode())
+    if load_format == "dummy":
+        digest.update(f"|dummy seed {seed} on {device.type}".encode())
+        files = [source.model_dir / "config.json"]
+    else:
+        files = [*shard_files(source.model_dir), source.model_dir / "config.json"]
+    for f in files:
+        stat = f.stat()
+        digest.update(f"|{f.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:24]
+
+
 def make_executor(
     spec: ModelSpec, dtype: torch.dtype, device: torch.device, expert_slots: int | None = None, eviction: str = "layer",
-    host_experts: int | None = None,
+    host_experts: int | None = None, disk_key: str | None = None,
 ) -> ExpertExecutor:
-    """Resident (every expert in device banks) unless expert_slots asks for a pool of that many slots."""
+    """Resident (every expert in device banks) unless expert_slots asks for a pool of that many slots;
+    disk_key names the disk tier's packed file (built once, reused: disk_tier_key)."""
     if expert_slots is None:
         return ResidentExecutor(spec, dtype, device)
     log.info("offloading experts: %d device slots, %s eviction, host copies of all %d", expert_slots, eviction,
              len(spec.moe_layer_ids) * spec.moe.num_experts)
-    return OffloadedExecutor(spec, dtype, device, expert_slots, eviction, host_experts=host_experts)
+    return OffloadedExecutor(spec, dtype, device, expert_slots, eviction, host_experts=host_experts, disk_key=disk_key)
 
 
 def build_model(
     spec: ModelSpec, dtype: torch.dtype, device: torch.device, expert_slots: int | None = None, eviction: str = "layer",
-    host_experts: int | None = None,
+    host_experts: int | None = None, disk_key: str | None = None,
 ) -> tuple[CausalLM, ExpertExecutor]:
     """Allocates (uninitialised) parameters and expert storage directly where they live."""
-    executor = make_executor(spec, dtype, device, expert_slots, eviction, host_experts)
+    executor = make_executor(spec, dtype, device, expert_slots, eviction, host_experts, disk_key)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -74,7 +92,8 @@ def load_model(
     source: ModelSource, dtype: torch.dtype, device: torch.device, load_format: str, seed: int,
     expert_slots: int | None = None, eviction: str = "layer", host_experts: int | None = None,
 ) -> tuple[CausalLM, ExpertExecutor]:
-    model, executor = build_model(source.spec, dtype, device, expert_slots, eviction, host_experts)
+    disk_key = disk_tier_key(source, dtype, device, load_format, seed) if host_experts is not None else None
+    model, executor = build_model(source.spec, dtype, device, expert_slots, eviction, host_experts, disk_key)
     if load_format == "dummy":
         fill_dummy(model, executor, seed)
     elif load_format in ("auto", "safetensors"):

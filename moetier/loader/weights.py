@@ -52,8 +52,9 @@ class _ExpertWriter:
             self._half(stacked, ref.part).copy_(tensor)
         else:
             for e in experts:
-                source = tensor if ref.expert is not None else tensor[e]
-                self._half(self.weights.expert_part(ExpertId(ref.layer, e), part), ref.part).copy_(source)
+                target = self.weights.expert_part(ExpertId(ref.layer, e), part)
+                if target is not None:  # None: already stored (a reused disk tier)
+                    self._half(target, ref.part).copy_(tensor if ref.expert is not None else tensor[e])
         covered = ("gate", "up") if ref.part == "gate_up" else (ref.part,)
         self.missing -= {(ref.layer, e, p) for e in experts for p in covered}
 

@@ -74,8 +74,9 @@ class ExpertWeights(Protocol):
     num_experts: int
     moe_layers: tuple[int, ...]
 
-    def expert_part(self, expert: ExpertId, part: str) -> torch.Tensor:
-        """One expert's part, shaped layout.part_shapes[part]."""
+    def expert_part(self, expert: ExpertId, part: str) -> torch.Tensor | None:
+        """One expert's part, shaped layout.part_shapes[part]; None where the expert is already
+        stored (a reused disk tier): the loader skips it."""
         ...
 
     def layer_part(self, layer: int, part: str) -> torch.Tensor | None:

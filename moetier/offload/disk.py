@@ -38,10 +38,13 @@ def round_up(nbytes: int, multiple: int = BLOCK) -> int:
 
 
 class PackedExpertFile:
-    """`count` experts of `slot_bytes`, each at a multiple of `stride`, in an unlinked file."""
+    """`count` experts of `slot_bytes`, each at a multiple of `stride`. Unnamed: an unlinked file
+    that disappears with the process. Named (a key of the checkpoint and the layout): built once as
+    `<name>.experts` in the directory and reused by every later run that asks for the same name;
+    `reused` says whether this one was (nothing to write then)."""
 
     def __init__(self, count: int, slot_bytes: int, directory: Path | str | None = None,
-                 direct: bool | None = None, threads: int = DEFAULT_READ_THREADS):
+                 direct: bool | None = None, threads: int = DEFAULT_READ_THREADS, name: str | None = None):
         """`direct`: None uses O_DIRECT where the filesystem supports it, False forces buffered reads,
         True raises where O_DIRECT is unavailable."""
         if count < 1 or slot_bytes < 1:
@@ -49,27 +52,48 @@ class PackedExpertFile:
         self.count, self.slot_bytes, self.stride = count, slot_bytes, round_up(slot_bytes)
         directory = Path(directory or expert_cache_dir())
         directory.mkdir(parents=True, exist_ok=True)
-        fd, path = tempfile.mkstemp(dir=directory, prefix="experts-")
+        final = directory / f"{name}.experts" if name else None
+        self.reused = final is not None and final.is_file() and final.stat().st_size == self.nbytes
+        self._building: tuple[Path, Path] | None = None  # (partial, final) until finish_writing
+        if self.reused:
+            path, fd = str(final), os.open(final, os.O_RDONLY)
+        elif final is not None:  # built under a private name, renamed into place once complete
+            path = str(directory / f"{name}.experts.partial-{os.getpid()}")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._building = (Path(path), final)
+        else:
+            fd, path = tempfile.mkstemp(dir=directory, prefix="experts-")
         try:
-            _reserve(fd, count * self.stride, directory)
+            if not self.reused:
+                _reserve(fd, self.nbytes, directory)
             self._direct_fd = _open_direct(path) if direct is not False and not _on_tmpfs(directory) else None
         except BaseException:
             os.close(fd)
+            self._discard_partial()
             raise
         finally:
-            os.unlink(path)  # the open descriptors keep the data; it disappears with the process
+            if final is None:
+                os.unlink(path)  # the open descriptors keep the data; it disappears with the process
         if direct and self._direct_fd is None:
             os.close(fd)
+            self._discard_partial()
             raise MoetierError(f"O_DIRECT reads are not supported in {directory}")
         self._fd = fd
         self.direct = self._direct_fd is not None
         if not self.direct:  # no readahead: it would cache bytes beyond each read's range
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        self._mapping: mmap.mmap | None = mmap.mmap(fd, count * self.stride)
-        self._bytes: torch.Tensor | None = torch.from_numpy(np.frombuffer(self._mapping, dtype=np.uint8))
+        self._mapping: mmap.mmap | None = None if self.reused else mmap.mmap(fd, self.nbytes)
+        self._bytes: torch.Tensor | None = (
+            None if self._mapping is None else torch.from_numpy(np.frombuffer(self._mapping, dtype=np.uint8))
+        )
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="moetier-disk") if threads > 1 else None
         self._chunks = max(1, threads)
-        self._finalizer = weakref.finalize(self, _release, [fd, self._direct_fd], self._threads)
+        partial = self._building[0] if self._building else None
+        self._finalizer = weakref.finalize(self, _release, [fd, self._direct_fd], self._threads, partial)
+
+    def _discard_partial(self) -> None:
+        if self._building is not None:
+            self._building[0].unlink(missing_ok=True)
 
     @property
     def writable(self) -> bool:
@@ -103,6 +127,13 @@ class PackedExpertFile:
                 raise RuntimeError("a view of the packed expert file outlived loading; drop it first") from None
         self._mapping = None
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if self._building is not None:
+            os.fsync(self._fd)
+            partial, final = self._building
+            os.replace(partial, final)  # atomic: a later run sees a complete file or none
+            self._building = None
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _release, [self._fd, self._direct_fd], self._threads, None)
 
     def read_into(self, index: int, out: torch.Tensor) -> None:
         """Reads expert `index` into out[:slot_bytes] (out: contiguous CPU uint8 of at least stride
@@ -193,9 +224,12 @@ def _on_tmpfs(directory: Path) -> bool:
     return False
 
 
-def _release(fds: list[int | None], threads: ThreadPoolExecutor | None) -> None:
+def _release(fds: list[int | None], threads: ThreadPoolExecutor | None, partial: Path | None) -> None:
+    """Closes the file; a named file that was never completed is removed."""
     if threads is not None:
         threads.shutdown(wait=False)
+    if partial is not None:
+        partial.unlink(missing_ok=True)
     for fd in fds:
         if fd is not None:
             os.close(fd)

@@ -41,12 +41,13 @@ class OffloadedExecutor:
 
     def __init__(self, model_spec: ModelSpec, dtype: torch.dtype, device: torch.device | str, num_slots: int,
                  eviction: str | EvictionPolicy = "layer", copy_engine: CopyEngine | None = None,
-                 host_experts: int | None = None, prefetch_next_layer: bool = True):
+                 host_experts: int | None = None, prefetch_next_layer: bool = True, disk_key: str | None = None):
         device = torch.device(device)
         self.spec = model_spec.moe
         self.layout = ExpertLayout(model_spec.hidden_size, self.spec.intermediate_size, dtype, self.spec.expert_bias)
         self.moe_layers = tuple(model_spec.moe_layer_ids)
-        self.store = ExpertStore(self.layout, self.moe_layers, self.spec.num_experts, host_experts=host_experts)
+        self.store = ExpertStore(self.layout, self.moe_layers, self.spec.num_experts, host_experts=host_experts,
+                                 disk_key=disk_key)
         self.pool = SlotPool(num_slots, self.layout, self.moe_layers, self.spec.num_experts, device)
         policy = (
             eviction if isinstance(eviction, EvictionPolicy)

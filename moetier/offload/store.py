@@ -1,7 +1,7 @@
 """ExpertStore: the host and disk tiers. Every routed expert as one packed contiguous buffer with
 the byte layout of an ExpertBank slot: the first `host_experts` (in (layer, expert) order) in the
 pinned host arena, the rest in a packed expert file in the cache directory (disk.py), read with
-O_DIRECT. A host expert reaches a device slot in one copy; a disk expert is read into the next
+O_DIRECT; given a disk_key, that file is built once and reused by later runs with the same key. A host expert reaches a device slot in one copy; a disk expert is read into the next
 pinned staging buffer of a small ring, then copied from there, once that buffer's previous copy
 has completed (a host wait), so the disk tier holds no RAM beyond the ring."""
 
@@ -39,7 +39,9 @@ class ExpertStore:
 
     def __init__(self, layout: ExpertLayout, moe_layers: tuple[int, ...], num_experts: int,
                  arena: HostArena | None = None, host_experts: int | None = None,
-                 staging_buffers: int | None = None, direct_io: bool | None = None):
+                 staging_buffers: int | None = None, direct_io: bool | None = None, disk_key: str | None = None):
+        """disk_key: what identifies the experts' bytes (checkpoint, dtype; see loader/load.py): the
+        disk tier is then built once under that key in the cache directory and reused afterwards."""
         self.layout = layout
         self.moe_layers = tuple(moe_layers)
         self.num_experts = num_experts
@@ -53,9 +55,13 @@ class ExpertStore:
             expert: layout.part_views(buffer) for expert, buffer in self.buffers.items()
         }
         self.disk_index = {expert: i for i, expert in enumerate(experts[self.host_experts :])}
-        self.disk = PackedExpertFile(len(self.disk_index), layout.slot_bytes, direct=direct_io) if self.disk_index else None
-        for expert, i in self.disk_index.items():
-            self.parts[expert] = layout.part_views(self.disk.view(i))
+        self.disk = None
+        if self.disk_index:
+            name = None if disk_key is None else _disk_file_name(disk_key, layout, self.host_experts, len(self.disk_index))
+            self.disk = PackedExpertFile(len(self.disk_index), layout.slot_bytes, direct=direct_io, name=name)
+        if self.disk is not None and not self.disk.reused:
+            for expert, i in self.disk_index.items():
+                self.parts[expert] = layout.part_views(self.disk.view(i))
         self.staging_arena: HostArena | None = None
         self.staging = self._staging_ring(staging_buffers or DEFAULT_STAGING_BUFFERS) if self.disk else []
         self._staging_used: list[Event | None] = [None] * len(self.staging)  # each buffer's last copy
@@ -72,7 +78,8 @@ class ExpertStore:
         return (len(self.buffers) + len(self.disk_index)) * self.layout.slot_bytes
 
     def finish_loading(self) -> None:
-        """The loader has written every expert: the disk tier syncs, unmaps and leaves the page cache."""
+        """The loader has written every expert: the disk tier syncs, unmaps and leaves the page cache
+        (and, when it has a key, takes its place in the cache directory)."""
         if self.disk is None or not self.disk.writable:
             return
         for expert in self.disk_index:
@@ -95,7 +102,10 @@ class ExpertStore:
         self._staging_used[i] = copy_engine.copy(dst, self.staging[i][: self.layout.slot_bytes], after)
         return self._staging_used[i]
 
-    def expert_part(self, expert: ExpertId, part: str) -> torch.Tensor:
+    def expert_part(self, expert: ExpertId, part: str) -> torch.Tensor | None:
+        """None for an expert already in a reused disk tier: the loader has nothing to write."""
+        if expert in self.disk_index and self.disk.reused:
+            return None
         if expert in self.disk_index and not self.disk.writable:
             raise RuntimeError(f"{expert} is on disk and loading has finished: it is read only by copy_in")
         return self.parts[expert][part]
@@ -116,3 +126,9 @@ class ExpertStore:
             copy_engine.synchronize(self._staging_used[i])
             self._staging_used[i] = None
         return i
+
+
+def _disk_file_name(key: str, layout: ExpertLayout, first: int, count: int) -> str:
+    """The cache file of experts first .. first + count - 1 (in (layer, expert) order) in this layout."""
+    shape = f"{layout.hidden_size}x{layout.intermediate_size}-{str(layout.dtype).removeprefix('torch.')}"
+    return f"{key}-{shape}{'-bias' if layout.bias else ''}-{first}+{count}"

@@ -194,6 +194,10 @@ def offload_summary(engine: Engine, recorder: RoutingRecorder, h2d_gbps: float |
         hits, misses = simulate(trace, policy, stats["num_slots"])
         replayed[policy] = round(hits / (hits + misses), 4) if hits + misses else None
     keys = ("num_slots", "slot_bytes", "hit_rate", "bytes_copied", "prefetch_loads", "prefetch_used",
-            "slot_occupancy", "disk_experts", "host_arena_reserved_bytes")
-    return {"eviction": engine.config.eviction, "h2d_pinned_gbps": h2d_gbps,
-            **{k: stats[k] for k in keys if k in stats}, "replayed_hit_rate": replayed}
+            "slot_occupancy", "disk_experts", "disk_direct_io", "disk_bytes_read", "disk_read_s",
+            "host_arena_reserved_bytes")
+    summary = {"eviction": engine.config.eviction, "h2d_pinned_gbps": h2d_gbps,
+               **{k: stats[k] for k in keys if k in stats}, "replayed_hit_rate": replayed}
+    if stats["disk_read_s"]:
+        summary["disk_read_gbps"] = round(stats["disk_bytes_read"] / stats["disk_read_s"] / 1e9, 2)
+    return summary

@@ -92,6 +92,9 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-num-seqs", type=int, default=16, help="as for the engine")
     fit.add_argument("--expert-slots", type=int, help="check that this many slots fit instead of choosing")
     fit.add_argument("--context", type=int, default=512, help="context tokens read per decode step in the roofline")
+    fit.add_argument("--routing-trace", help="a routing trace (.npz, `moetier trace record` or a donor's) of the "
+                     "same routing shape: the copy bound uses the miss rate its decode steps get in the planned "
+                     "slots (layer-aware eviction) instead of uniform routing's")
     fit.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ppl = sub.add_parser("eval-ppl", parents=[_engine_flags()], help="sliding-window perplexity on a text")
     ppl.add_argument("--text", help="a UTF-8 text file (default: the held-out split of the corpus recipe, "
@@ -300,8 +303,9 @@ def _calibrate(args) -> None:
 
 def fit_report(model: str, gpu_memory: str, cpu_memory: str | None = None, dtype: str = "auto",
                max_model_len: int | None = None, max_num_seqs: int = 16, expert_slots: int | None = None,
-               context: int = 512, profile: dict | None = None) -> dict:
-    """`moetier fit` as a dict: the memory plan and the batch-1 decode roofline (config.json only)."""
+               context: int = 512, profile: dict | None = None, routing_trace: str | None = None) -> dict:
+    """`moetier fit` as a dict: the memory plan and the batch-1 decode roofline (config.json only;
+    with routing_trace, the copy bound at the miss rate that trace's decode steps simulate to)."""
     import json
 
     import torch
@@ -325,12 +329,35 @@ def fit_report(model: str, gpu_memory: str, cpu_memory: str | None = None, dtype
     if profile is None and profile_path().is_file():
         profile = json.loads(profile_path().read_text())
     bw = bandwidths(profile)
+    routing = {"source": "uniform"}
+    if routing_trace is not None and not plan.resident:
+        routing = simulated_routing(routing_trace, spec, plan.num_slots)
     return {
         "model": str(source.model_dir), "architecture": spec.architecture,
         "dtype": str(torch_dtype).removeprefix("torch."), "max_model_len": length, "max_num_seqs": max_num_seqs,
-        "plan": plan.to_dict(), "bandwidth": bw,
-        "roofline": decode_roofline(spec, torch_dtype, plan, bw["device_gbps"], bw["h2d_pinned_gbps"], context),
+        "plan": plan.to_dict(), "bandwidth": bw, "routing": routing,
+        "roofline": decode_roofline(spec, torch_dtype, plan, bw["device_gbps"], bw["h2d_pinned_gbps"], context,
+                                    routing.get("miss_rate")),
     }
+
+
+def simulated_routing(path: str, spec, num_slots: int, policy: str = "layer") -> dict:
+    """The hit rate a routing trace's decode steps (all its steps, if it has none) get in num_slots
+    slots, through the runtime's planner and policy; the trace must have the model's routing shape."""
+    from moetier.trace.format import load_trace
+    from moetier.trace.simulate import select_phase, simulate
+
+    trace = load_trace(path)
+    want = (len(spec.moe_layer_ids), spec.moe.num_experts, spec.moe.top_k)
+    have = (len(trace.moe_layers), trace.num_experts, trace.top_k)
+    if have != want:
+        raise MoetierError(f"routing trace {path} has {have[0]} MoE layers x {have[1]} experts, top-{have[2]}; "
+                           f"the model has {want[0]} x {want[1]}, top-{want[2]}")
+    decode = select_phase(trace, "decode")
+    steps = decode if decode.num_tokens else trace
+    hits, misses = simulate(steps, policy, num_slots)
+    return {"source": str(path), "policy": policy, "tokens": steps.num_tokens,
+            "hit_rate": round(hits / (hits + misses), 4), "miss_rate": misses / (hits + misses)}
 
 
 def _fit(args) -> None:
@@ -339,7 +366,7 @@ def _fit(args) -> None:
     from moetier.offload.budget import gib
 
     report = fit_report(args.fit_model, args.gpu_memory, args.cpu_memory, args.dtype, args.max_model_len,
-                        args.max_num_seqs, args.expert_slots, args.context)
+                        args.max_num_seqs, args.expert_slots, args.context, routing_trace=args.routing_trace)
     if args.json:
         print(json.dumps(report, indent=1))
         return
@@ -363,8 +390,14 @@ def _fit(args) -> None:
           f"at {bw['device_gbps']:g} GB/s)")
     if not plan["resident"]:
         print(f"    copy bound      {roof['copy_bound_tok_s']:>10} tok/s ({roof['miss_bytes_per_token'] / 1e9:.3f} GB "
-              f"missed/token at {bw['h2d_pinned_gbps']:g} GB/s, uniform routing)")
+              f"missed/token at {bw['h2d_pinned_gbps']:g} GB/s, {_routing_label(report['routing'])})")
         print(f"    offloaded bound {roof['offloaded_tok_s']:>10} tok/s")
+
+
+def _routing_label(routing: dict) -> str:
+    if routing["source"] == "uniform":
+        return "uniform routing"
+    return f"{routing['policy']} eviction on {routing['source']}: hit rate {routing['hit_rate']:.3f}"
 
 
 def _eval_ppl(args) -> None:

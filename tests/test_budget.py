@@ -172,6 +172,28 @@ def test_fit_benchmark_shapes(config, gpu, weights, kv, slot_bytes, slots, exper
     assert f"{slots} of {experts} cached" in capsys.readouterr().out
 
 
+def test_fit_with_a_routing_trace(tmp_path, capsys):
+    """Skewed routing of the model's shape: the planned slots hit more than the cached fraction, so
+    the copy bound rises; a trace of another shape is a clear error."""
+    from moetier.trace.synthetic import generate
+
+    mixtral = str(CONFIGS / "mixtral-8x7b")
+    skewed = tmp_path / "skewed.npz"
+    generate("lognormal", 32, 8, 2, 400, seed=1, sigma=1.5).save(skewed)
+    uniform = fit_report(mixtral, "24GiB", profile={})
+    traced = fit_report(mixtral, "24GiB", profile={}, routing_trace=str(skewed))
+    assert traced["routing"]["hit_rate"] > uniform["plan"]["cached_fraction"]
+    assert traced["roofline"]["copy_bound_tok_s"] > uniform["roofline"]["copy_bound_tok_s"]
+    assert traced["roofline"]["miss_bytes_per_token"] == int(
+        32 * 2 * traced["routing"]["miss_rate"] * traced["plan"]["slot_bytes"])
+    assert main(["fit", mixtral, "--gpu-memory", "24GiB", "--routing-trace", str(skewed)]) == 0
+    assert "layer eviction on" in capsys.readouterr().out
+    other = tmp_path / "other.npz"
+    generate("uniform", 4, 8, 2, 10).save(other)
+    assert main(["fit", mixtral, "--gpu-memory", "24GiB", "--routing-trace", str(other)]) == 2
+    assert "4 MoE layers x 8 experts, top-2; the model has 32 x 8, top-2" in capsys.readouterr().err
+
+
 def test_fit_resident_and_errors(capsys):
     report = fit_report(str(CONFIGS / "olmoe-1b-7b"), "24GiB", profile={"device_copy_gbps": 2000.0,
                                                                           "h2d_pinned_gbps": 25.0})

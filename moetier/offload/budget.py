@@ -309,11 +309,12 @@ def bandwidths(profile: dict | None) -> dict:
 
 
 def decode_roofline(spec: ModelSpec, dtype: torch.dtype, plan: MemoryPlan, device_gbps: float, h2d_gbps: float,
-                    context_tokens: int = 512) -> dict:
+                    context_tokens: int = 512, miss_rate: float | None = None) -> dict:
     """Batch-1 decode bounds: device bytes per token (non-expert weights but one embedding row, the
     top_k experts of every MoE layer, the KV cache of `context_tokens`) over the device bandwidth; and,
-    offloaded under uniform routing, the miss bytes per token (uses x (1 - cached fraction) x expert
-    slot bytes) over the pinned host-to-device bandwidth, copies overlapping compute at best."""
+    offloaded, the miss bytes per token (uses x miss rate x expert slot bytes; the miss rate is
+    1 - cached fraction under uniform routing unless given) over the pinned host-to-device bandwidth,
+    copies overlapping compute at best."""
     layout = expert_layout(spec, dtype)
     expert_bytes = sum(math.prod(s) for s in layout.part_shapes.values()) * dtype.itemsize
     uses = len(spec.moe_layer_ids) * spec.moe.top_k
@@ -323,7 +324,7 @@ def decode_roofline(spec: ModelSpec, dtype: torch.dtype, plan: MemoryPlan, devic
         dense += weights["embedding"]
     device_bytes = dense + uses * expert_bytes + context_tokens * kv_bytes_per_token(spec, dtype)
     resident_s = device_bytes / (device_gbps * 1e9)
-    miss_bytes = uses * (1 - plan.cached_fraction) * layout.slot_bytes
+    miss_bytes = uses * (1 - plan.cached_fraction if miss_rate is None else miss_rate) * layout.slot_bytes
     copy_s = miss_bytes / (h2d_gbps * 1e9)
     return {
         "device_bytes_per_token": int(device_bytes),

@@ -153,13 +153,12 @@ class LayerAware(EvictionPolicy):
         """The layers in victim order, each one's experts alone: the first layer with a candidate has it."""
         if self.current is None:
             return super().choose(resident, protected)
-        layers = self.layers
+        layers, last_use = self.layers, self.lru.last_use
         num_layers = len(layers)
         for back in range(num_layers):  # the current layer (needed again last), then the ones behind it
-            layer = layers[(self.current - back) % num_layers]
-            found = self.victim([e for e in resident.get(layer, ()) if e not in protected])
-            if found is not None:
-                return found
+            candidates = [e for e in resident.get(layers[(self.current - back) % num_layers], ()) if e not in protected]
+            if candidates:  # victim()'s order within one layer: least recently used, then the highest id
+                return min(candidates, key=lambda e: (last_use.get(e, 0), -e.expert))
         return None
 
 

@@ -211,6 +211,14 @@ def test_disk_tier_is_built_once_and_reused(monkeypatch, tmp_path, load_format):
     assert len(list(cache.iterdir())) == (1 if load_format == "dummy" else 2)
 
 
+def test_an_unusable_cache_directory_is_a_clear_error(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    with pytest.raises(MoetierError, match="cannot create the disk tier's directory .*XDG_CACHE_HOME"):
+        PackedExpertFile(2, 4096)
+
+
 def test_an_unfinished_named_file_leaves_nothing(tmp_path):
     packed = PackedExpertFile(3, 5000, tmp_path, name="k")
     packed.view(0).fill_(1)

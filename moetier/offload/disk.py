@@ -51,7 +51,11 @@ class PackedExpertFile:
             raise ValueError("a packed expert file holds at least one expert of at least one byte")
         self.count, self.slot_bytes, self.stride = count, slot_bytes, round_up(slot_bytes)
         directory = Path(directory or expert_cache_dir())
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MoetierError(f"cannot create the disk tier's directory {directory}: {e.strerror} "
+                               "(set XDG_CACHE_HOME to a writable place, or raise --cpu-memory)") from None
         final = directory / f"{name}.experts" if name else None
         self.reused = final is not None and final.is_file() and final.stat().st_size == self.nbytes
         self._building: tuple[Path, Path] | None = None  # (partial, final) until finish_writing

@@ -209,7 +209,7 @@ class OffloadedExecutor:
             "disk_direct_io": self.store.disk.direct if self.store.disk is not None else None,
             "routing_sync_s": self.routing_sync_s,
             "tokens": self.tokens,
-            "prefetch_loads": self.prefetch_loads,  # copies started a layer ahead (prefill)
+            "prefetch_loads": self.prefetch_loads,  # copies started a layer ahead (after a layer needing 7/8)
             "prefetch_used": self.prefetch_used,  # of those, used by their layer (counted as its misses)
             "slot_occupancy": sum(h is not None for h in self.planner.holder) / self.pool.num_slots,
             "layers": {layer: {"hits": self.hits[layer], "misses": self.misses[layer]} for layer in self.moe_layers},

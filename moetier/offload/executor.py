@@ -17,6 +17,7 @@ into one [A, D] buffer and one k-ordered sum follows, the same sum the resident 
 import time
 from collections import Counter
 
+import numpy as np
 import torch
 
 from moetier.models.spec import ModelSpec
@@ -66,6 +67,7 @@ class OffloadedExecutor:
         self.prefetched: set[ExpertId] = set()  # loaded ahead of their layer, not used yet
         self.prefetch_loads = 0
         self.prefetch_used = 0
+        self._ids_host = torch.empty(0, dtype=torch.int64)  # pinned on CUDA: where the routing lands
 
     @property
     def expert_weights(self) -> ExpertWeights:
@@ -73,7 +75,7 @@ class OffloadedExecutor:
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         started = time.perf_counter()
-        needed = torch.unique(routing.topk_ids_TK).tolist()  # the one host sync of the layer
+        needed = self._read_routing(routing.topk_ids_TK)  # the one host sync of the layer
         self.routing_sync_s += time.perf_counter() - started
         if layer == self.moe_layers[0]:
             self.tokens += x_TD.shape[0]
@@ -106,6 +108,19 @@ class OffloadedExecutor:
             else:
                 rounds = []
         return weighted_k_sum(out_AD, routing.topk_weights_TK)
+
+    def _read_routing(self, topk_ids_TK: torch.Tensor) -> list[int]:
+        """The distinct experts of the step, ascending. On CUDA the ids come over in one small copy
+        to pinned memory and one stream sync (a device unique would sort and sync twice)."""
+        if not topk_ids_TK.is_cuda:
+            return np.unique(topk_ids_TK.numpy()).tolist()
+        count = topk_ids_TK.numel()
+        if self._ids_host.numel() < count:
+            self._ids_host = torch.empty(2 * count, dtype=torch.int64, pin_memory=True)
+        host = self._ids_host[:count]
+        host.copy_(topk_ids_TK.reshape(-1), non_blocking=True)
+        torch.cuda.current_stream(topk_ids_TK.device).synchronize()
+        return np.unique(host.numpy()).tolist()
 
     # --- planning and copies ----------------------------------------------------------------
 

@@ -1,15 +1,17 @@
 """Copy engines: host -> device expert copies that run beside compute, ordered by events.
 
-The interface is four calls. `copy(dst, src, after)` starts a copy once the reader event `after`
-(the last kernel that read dst) has completed and returns the copy's event; `wait(event)` makes
-compute wait for a copy; `synchronize(event)` blocks the host until a copy has completed (before
-its source is overwritten); `mark_read(buffers)` returns an event recorded after the compute issued
-so far, which the caller keeps as the last reader of those buffers.
+The interface is five calls. `copy(dst, src, after)` starts a copy once the reader event `after`
+(the last kernel that read dst) has completed and returns the copy's event; `wait(events)` makes
+compute wait for copies, and `stall_seconds()` says how long it stood still for them;
+`synchronize(event)` blocks the host until a copy has completed (before its source is
+overwritten); `mark_read(buffers)` returns an event recorded after the compute issued so far, which
+the caller keeps as the last reader of those buffers.
 
 CudaCopyEngine: a dedicated copy stream, non-blocking copies from pinned memory, CUDA events; compute
-waits on the device (no host sync), only `synchronize` blocks the host. DelayedCopyEngine: the CPU stand-in for tests; it copies on
-a worker thread after an injected delay, so a missing wait reads stale bytes and gives wrong
-numbers, and it records every copy into a buffer whose last reader was not given as `after`.
+waits on the device (no host sync), only `synchronize` blocks the host. DelayedCopyEngine: the CPU
+stand-in for tests; it copies on a worker thread after an injected delay, so a missing wait reads
+stale bytes and gives wrong numbers, and it records every copy into a buffer whose last reader was
+not given as `after`.
 """
 
 import queue

@@ -1,7 +1,8 @@
 """PackedExpertFile: the disk tier, one file of packed experts read with O_DIRECT.
 
-Expert i occupies bytes [i * stride, i * stride + slot_bytes) of an unlinked file in the cache
-directory (stride = slot_bytes rounded up to BLOCK, so every read is block-aligned). The loader
+Expert i occupies bytes [i * stride, i * stride + slot_bytes) of a file in the cache directory
+(stride = slot_bytes rounded up to BLOCK, so every read is block-aligned): unlinked at creation, or,
+named by a key of the checkpoint, built once and kept for later runs. The loader
 writes through a shared mapping; `finish_writing` syncs it, unmaps it and drops the file's pages
 from the page cache, so no RAM stays held. From then on `read_into` is the only way in: O_DIRECT
 reads (split into chunks read by a few threads: os.preadv releases the GIL) into an aligned
@@ -131,13 +132,10 @@ class PackedExpertFile:
                 raise RuntimeError("a view of the packed expert file outlived loading; drop it first") from None
         self._mapping = None
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if self._building is not None:
+        if self._building is not None:  # the finalizer's removal of the partial file is a no-op from here
             os.fsync(self._fd)
-            partial, final = self._building
-            os.replace(partial, final)  # atomic: a later run sees a complete file or none
+            os.replace(*self._building)  # atomic: a later run sees a complete file or none
             self._building = None
-            self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _release, [self._fd, self._direct_fd], self._threads, None)
 
     def read_into(self, index: int, out: torch.Tensor) -> None:
         """Reads expert `index` into out[:slot_bytes] (out: contiguous CPU uint8 of at least stride

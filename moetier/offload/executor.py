@@ -32,7 +32,6 @@ from moetier.offload.planner import SlotPlanner
 from moetier.offload.slots import SlotPool
 from moetier.offload.store import ExpertStore
 
-
 # The next layer is prefetched whole when this one needed at least 7/8 of its experts.
 PREFETCH_NUMERATOR, PREFETCH_DENOMINATOR = 7, 8
 

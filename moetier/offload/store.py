@@ -1,9 +1,10 @@
 """ExpertStore: the host and disk tiers. Every routed expert as one packed contiguous buffer with
 the byte layout of an ExpertBank slot: the first `host_experts` (in (layer, expert) order) in the
 pinned host arena, the rest in a packed expert file in the cache directory (disk.py), read with
-O_DIRECT; given a disk_key, that file is built once and reused by later runs with the same key. A host expert reaches a device slot in one copy; a disk expert is read into the next
-pinned staging buffer of a small ring, then copied from there, once that buffer's previous copy
-has completed (a host wait), so the disk tier holds no RAM beyond the ring."""
+O_DIRECT; given a disk_key, that file is built once and reused by later runs with the same key.
+A host expert reaches a device slot in one copy; a disk expert is read into the next pinned
+staging buffer of a small ring, then copied from there, once that buffer's previous copy has
+completed (a host wait), so the disk tier holds no RAM beyond the ring."""
 
 import time
 
@@ -12,9 +13,7 @@ import torch
 from moetier.moe.experts import ExpertId, ExpertLayout
 from moetier.offload.arena import DEFAULT_CHUNK_BYTES, HostArena, next_power_of_two
 from moetier.offload.copy_engine import CopyEngine, Event
-from moetier.offload.disk import BLOCK, PackedExpertFile, expert_cache_dir, round_up
-
-__all__ = ["ExpertStore", "chunk_bytes_for", "expert_cache_dir", "staging_arena_bytes"]
+from moetier.offload.disk import BLOCK, PackedExpertFile, round_up
 
 # A chunk holds at least this many experts, so the tail a chunk cannot use stays small.
 _MIN_EXPERTS_PER_CHUNK = 16

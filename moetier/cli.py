@@ -353,6 +353,8 @@ def simulated_routing(path: str, spec, num_slots: int, policy: str = "layer") ->
     if have != want:
         raise MoetierError(f"routing trace {path} has {have[0]} MoE layers x {have[1]} experts, top-{have[2]}; "
                            f"the model has {want[0]} x {want[1]}, top-{want[2]}")
+    if trace.num_tokens == 0:
+        raise MoetierError(f"routing trace {path} has no tokens")
     decode = select_phase(trace, "decode")
     steps = decode if decode.num_tokens else trace
     hits, misses = simulate(steps, policy, num_slots)

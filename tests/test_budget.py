@@ -192,6 +192,10 @@ def test_fit_with_a_routing_trace(tmp_path, capsys):
     generate("uniform", 4, 8, 2, 10).save(other)
     assert main(["fit", mixtral, "--gpu-memory", "24GiB", "--routing-trace", str(other)]) == 2
     assert "4 MoE layers x 8 experts, top-2; the model has 32 x 8, top-2" in capsys.readouterr().err
+    empty = tmp_path / "empty.npz"
+    generate("uniform", 32, 8, 2, 0).save(empty)
+    assert main(["fit", mixtral, "--gpu-memory", "24GiB", "--routing-trace", str(empty)]) == 2
+    assert "has no tokens" in capsys.readouterr().err
 
 
 def test_fit_resident_and_errors(capsys):

@@ -5,7 +5,8 @@
 #   STAGE=small   GPU tests (TESTS=0 skips them), calibration, OLMoE-1B-7B at 4 GiB, Qwen3-30B-A3B at 12 GiB (+ naive baseline)
 #   STAGE=mixtral Mixtral-8x7B at 24 and 40 GiB (+ naive baseline at 24 GiB)
 #   STAGE=peers   transformers + accelerate offload at the same budgets; OLMoE served from disk
-#   STAGE=serve   the serving sweep on OLMoE-1B-7B at a 4 GiB budget (carry .whl: the server's wheels)
+#   STAGE=serve   the serving sweep on OLMoE-1B-7B at a 6 GiB budget, 32 sequences of 640 tokens (their KV
+#                 cache leaves room for 76 of 1024 experts; carry .whl: the server's wheels)
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -78,8 +79,8 @@ peers)
 serve)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PWD:/tmp/site
-  LOG="$OUT/serve.log" OUT="$OUT/serve_olmoe_4gib.json" RATES=1,4,16,inf NUM_REQUESTS=64 DURATION=12 PYTHON=python3 \
-    timeout 400 bash benchmarks/serve_sweep.sh --max-num-seqs 32 --dtype bfloat16 --gpu-memory 4GiB \
+  LOG="$OUT/serve.log" OUT="$OUT/serve_olmoe_6gib.json" RATES=1,4,16,inf NUM_REQUESTS=64 DURATION=12 PYTHON=python3 \
+    timeout 480 bash benchmarks/serve_sweep.sh --max-num-seqs 32 --max-model-len 640 --dtype bfloat16 --gpu-memory 6GiB \
     > "$OUT/serve_sweep.txt" 2>&1
   tail -c 2500 "$OUT/serve_sweep.txt"
   ;;

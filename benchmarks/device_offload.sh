@@ -83,6 +83,8 @@ serve)
     timeout 480 bash benchmarks/serve_sweep.sh --max-num-seqs 32 --max-model-len 640 --dtype bfloat16 --gpu-memory 6GiB \
     > "$OUT/serve_sweep.txt" 2>&1
   tail -c 2500 "$OUT/serve_sweep.txt"
+  awk -F', ' '$2 > peak {peak = $2} END {print "server NVML peak MiB", peak, "of budget", 6 * 1024}' /tmp/nvml.csv \
+    | tee "$OUT/serve_nvml_peak.txt"
   ;;
 esac
 kill %1 2>/dev/null

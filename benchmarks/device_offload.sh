@@ -5,6 +5,7 @@
 #   STAGE=small   GPU tests (TESTS=0 skips them), calibration, OLMoE-1B-7B at 4 GiB, Qwen3-30B-A3B at 12 GiB (+ naive baseline)
 #   STAGE=mixtral Mixtral-8x7B at 24 and 40 GiB (+ naive baseline at 24 GiB)
 #   STAGE=peers   transformers + accelerate offload at the same budgets; OLMoE served from disk
+#   STAGE=replay  the same shapes driven by the routing of trained donors (benchmarks/results/traces/donor-*)
 #   STAGE=serve   the serving sweep on OLMoE-1B-7B at a 6 GiB budget, 32 sequences of 640 tokens (their KV
 #                 cache leaves room for 76 of 1024 experts; carry .whl: the server's wheels)
 set -uo pipefail
@@ -75,6 +76,15 @@ peers)
   offload olmoe_4gib_disk olmoe-1b-7b 4GiB 100 --cpu-memory 2GiB --batch-sizes 1 --output-len 16
   peer accelerate_qwen3_12gib qwen3-30b-a3b 12GiB 130 --batch-sizes 1 --output-len 3
   peer accelerate_mixtral_24gib mixtral-8x7b 24GiB 200 --batch-sizes 1 --output-len 3
+  ;;
+replay)  # a donor trace replayed in place of the dummy routers (consecutive trace tokens per step)
+  T=benchmarks/results/traces
+  offload mixtral_24gib_replay mixtral-8x7b 24GiB 230 --batch-sizes 1,8 --output-len 16 \
+    --routing replay:$T/donor-mixtral-8x7b/heldout.npz
+  offload qwen3_12gib_replay qwen3-30b-a3b 12GiB 170 --batch-sizes 1,8 --output-len 48 \
+    --routing replay:$T/donor-qwen3-30b-a3b/heldout.npz
+  offload olmoe_4gib_replay olmoe-1b-7b 4GiB 100 --batch-sizes 1,8 --output-len 64 \
+    --routing replay:$T/donor-olmoe-1b-7b/heldout.npz
   ;;
 serve)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -269,6 +269,8 @@ def _bench(args, prepare=None) -> None:
     import json
     import time
 
+    import torch
+
     from moetier.bench import run_bench
     from moetier.llm import LLM
     from moetier.offload.calibrate import load_or_calibrate
@@ -278,16 +280,23 @@ def _bench(args, prepare=None) -> None:
     options["max_num_seqs"] = max(batch_sizes)
     options["max_model_len"] = args.max_model_len or max(prefill_lens + [args.prompt_len]) + args.output_len + 1
     options["max_num_batched_tokens"] = max(args.max_num_batched_tokens, *prefill_lens)
+    # The machine's calibration comes before the model: its 1 GiB buffers would not fit under the
+    # allocator cap of a --gpu-memory budget, and their cached blocks are handed back before it.
+    profile = {}
+    if args.device != "cpu" and torch.cuda.is_available():
+        profile = load_or_calibrate()
+        torch.cuda.empty_cache()
     start = time.perf_counter()
     llm = LLM(args.model, **options)
     load_seconds = time.perf_counter() - start
+    if llm.engine.resolved.device.type != "cuda":
+        profile = {}
     if prepare is not None:
         prepare(llm)
     if args.routing != "router":
         from moetier.trace.replay import replay_routing, routing_trace_for
 
         replay_routing(llm.engine, routing_trace_for(llm.engine, args.routing))
-    profile = load_or_calibrate() if llm.engine.resolved.device.type == "cuda" else {}
     report = run_bench(llm, batch_sizes, args.prompt_len, args.output_len, prefill_lens, profile, load_seconds)
     print(json.dumps(report, indent=1))
 

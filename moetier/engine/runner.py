@@ -55,6 +55,11 @@ class Runner:
     def recapture_graphs(self) -> None:
         """After the model's step changed (an observer or a routing override was attached)."""
         if self.graphs is not None:
+            # The old graphs' pools go back before the new ones are taken: under a budget's
+            # allocator cap there may be no room for both.
+            self.graphs = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
             self.graphs = self._capture_graphs()
 
     def _capture_graphs(self) -> DecodeGraphs:

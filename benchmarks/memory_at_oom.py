@@ -4,12 +4,13 @@ allocation, summed by the moetier line that allocated them.
     python benchmarks/memory_at_oom.py benchmarks/configs/qwen3-30b-a3b --gpu-memory 12GiB \
         --routing replay:benchmarks/results/traces/donor-qwen3-30b-a3b/heldout.npz
 
-Runs the bench's batch prefill (BATCH prompts of 512 tokens, 2048-token steps) and a few decode
+`memory_at_oom.py bench ARGS...` runs `moetier bench ARGS` the same way. Otherwise it runs the bench's batch prefill (BATCH prompts of 512 tokens, 2048-token steps) and a few decode
 steps under the budget's allocator cap with torch's allocation history on; prints the plan, the
 allocator's peak, and, at an out-of-memory error, the live blocks by allocating line.
 """
 
 import argparse
+import sys
 from collections import Counter
 
 import torch
@@ -32,7 +33,23 @@ def live_by_line(snapshot: dict) -> Counter:
     return by_line
 
 
+def bench_under_history(bench_args: list[str]) -> None:
+    """`moetier bench ARGS` with the allocation history on; at an out-of-memory error, the live blocks."""
+    from moetier.cli import main as cli_main
+
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        cli_main(["bench", *bench_args])
+    except torch.OutOfMemoryError as error:
+        print("OOM:", str(error).splitlines()[0])
+        for line, size in live_by_line(torch.cuda.memory._snapshot()).most_common(30):
+            print(f"{size / (1 << 20):10.1f} MiB  {line}")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["bench"]:
+        bench_under_history(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("--gpu-memory", required=True)

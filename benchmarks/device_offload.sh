@@ -6,6 +6,7 @@
 #   STAGE=mixtral Mixtral-8x7B at 24 and 40 GiB (+ naive baseline at 24 GiB)
 #   STAGE=peers   transformers + accelerate offload at the same budgets; OLMoE served from disk
 #   STAGE=replay  the same shapes driven by the routing of trained donors (benchmarks/results/traces/donor-*)
+#   STAGE=uniform the Mixtral and Qwen3 shapes with seeded uniform routing (synthetic:uniform), beside replay
 #   STAGE=serve   the serving sweep on OLMoE-1B-7B at a 6 GiB budget, 32 sequences of 640 tokens (their KV
 #                 cache leaves room for 76 of 1024 experts; carry .whl: the server's wheels)
 set -uo pipefail
@@ -85,6 +86,10 @@ replay)  # a donor trace replayed in place of the dummy routers (consecutive tra
     --routing replay:$T/donor-qwen3-30b-a3b/heldout.npz
   offload olmoe_4gib_replay olmoe-1b-7b 4GiB 100 --batch-sizes 1,8 --output-len 64 \
     --routing replay:$T/donor-olmoe-1b-7b/heldout.npz
+  ;;
+uniform)  # every token's experts drawn uniformly: the reference the donor rows are read against
+  offload mixtral_24gib_uniform mixtral-8x7b 24GiB 230 --batch-sizes 1,8 --output-len 16 --routing synthetic:uniform
+  offload qwen3_12gib_uniform qwen3-30b-a3b 12GiB 170 --batch-sizes 1,8 --output-len 48 --routing synthetic:uniform
   ;;
 serve)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

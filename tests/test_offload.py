@@ -85,11 +85,19 @@ def test_offloaded_is_bitwise_resident(case):
         assert stats["misses"] >= 1 and stats["bytes_copied"] == copies * stats["slot_bytes"]
         if slots == spec.moe.num_experts * len(spec.moe_layer_ids):
             assert copies <= slots  # everything fits: each expert is copied at most once
+        gauges = llm.engine.offload_stats()  # the server's moetier_expert_cache_* gauges
+        assert (gauges["hit_rate"], gauges["bytes_copied"], gauges["num_slots"]) == (
+            stats["hit_rate"], stats["bytes_copied"], slots)
+        assert all(isinstance(v, float) for v in gauges.values()) and "layers" not in gauges
 
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
     return _checkpoint("qwen3_moe-per_expert", tmp_path_factory.mktemp("qwen3"))
+
+
+def test_resident_model_has_no_expert_cache_gauges(qwen3):
+    assert LLM(qwen3, dtype="float32", max_model_len=128).engine.offload_stats() is None
 
 
 @pytest.mark.parametrize("eviction", ["lfu", "static", "layer"])

@@ -308,8 +308,8 @@ def test_metrics_report_tokens_latency_and_offload_hook(server):
                  "moetier_generation_tokens_per_second", "moetier_queue_depth", "moetier_running_sequences",
                  "moetier_prompt_tokens_total", 'moetier_requests_total{endpoint="/v1/completions",status="200"}'):
         assert name in text
-    assert "moetier_expert_cache_hit_rate" not in text
-    server.engine.offload_stats = lambda: {"hit_rate": 0.75}
+    assert "moetier_expert_cache_hit_rate" not in text  # resident: no expert cache
+    server.engine.offload_stats = lambda: {"hit_rate": 0.75}  # the plumbing; the counters: test_offload
     try:
         server.async_engine._next_offload_stats = 0.0
         _client(server).completions.create(model=MODEL_NAME, prompt=[9], max_tokens=2)

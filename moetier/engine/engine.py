@@ -84,6 +84,15 @@ class Engine:
         self._request_ids = itertools.count()
         self._sequences: dict[str, Sequence] = {}
 
+    def offload_stats(self) -> dict[str, float] | None:
+        """The expert cache's numeric counters (hit rate, hits, misses, bytes copied, copy stall,
+        slot occupancy, ...) when experts are offloaded, None when they are resident: the server's
+        `moetier_expert_cache_*` gauges."""
+        stats = self.executor.stats()
+        if stats.get("executor") != "offloaded":
+            return None
+        return {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
     # --- requests -------------------------------------------------------------------------
 
     def require_tokenizer(self) -> Tokenizer:

@@ -267,14 +267,13 @@ class AsyncEngine:
 
     def _publish_gauges(self) -> None:
         self.num_running = len(self.engine.scheduler.running)
-        offload_stats = getattr(self.engine, "offload_stats", None)
         now = time.monotonic()
-        if callable(offload_stats) and now >= self._next_offload_stats:
-            # Hook for offloading: Engine.offload_stats() -> {"hit_rate": 0.93, ...} becomes the gauges
+        if now >= self._next_offload_stats:
+            # Engine.offload_stats() -> {"hit_rate": 0.93, ...} (None when resident) becomes the gauges
             # moetier_expert_cache_hit_rate, ... It runs here, on the engine thread, so it may read torch.
             self._next_offload_stats = now + OFFLOAD_STATS_PERIOD_S
             try:
-                stats = offload_stats() or {}
+                stats = self.engine.offload_stats() or {}
                 self.metrics.set_engine_gauges({f"expert_cache_{k}": float(v) for k, v in stats.items()})
             except Exception:
                 log.exception("offload_stats() failed")

@@ -155,6 +155,20 @@ def test_affinity_rows_with_top2():
     assert stats.affinity_mass[0][1] == pytest.approx(0.5)
 
 
+def test_next_layer_prediction_held_out():
+    # Four sequences; layer 1 always takes layer 0's expert + 1: fitted on sequences 0-1, it names
+    # every expert of sequences 2-3.
+    first = [0, 1, 2, 3, 1, 2, 3, 0]
+    cycle = make_trace([[[e] for e in first], [[(e + 1) % 4] for e in first]], [0, 0, 1, 1, 2, 2, 3, 3], [0, 1] * 4)
+    assert analyze(cycle).predicted == [1.0]
+    # Top-2: fitted on {0,1} -> {2,3}, so a held-out {0,1} is predicted {2,3}; it took {2,0}: half right.
+    half = make_trace([[[0, 1], [0, 1]], [[2, 3], [2, 0]]], [0, 1], [0, 0])
+    stats = analyze(half)
+    assert stats.predicted == [0.5]
+    assert "| 0 -> 1 | 0.500 | 1.000 | 0.500 |" in summary_markdown(half, stats)
+    assert math.isnan(analyze(make_trace([[[0]], [[1]]], [0], [0])).predicted[0])  # one sequence: no held-out
+
+
 def test_coactivation_clusters_hand_worked():
     # Tokens choose {0,1}, {0,1}, {2,3}, {2,3}, {0,2}: pairs 0-1 twice, 2-3 twice, 0-2 once.
     trace = make_trace([[[0, 1], [0, 1], [2, 3], [2, 3], [0, 2]]], [0] * 5, range(5))

@@ -94,6 +94,29 @@ def affinity(ids_l_NK: np.ndarray, ids_next_NK: np.ndarray, num_experts: int) ->
     return np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
 
 
+def predicted_share(p_EE: np.ndarray, ids_l_NK: np.ndarray, ids_next_NK: np.ndarray) -> float:
+    """How much of each token's K experts at l+1 an affinity predictor names: the K experts with the
+    highest sum of P(. | a) over the token's experts a at l (a prefetcher's guess, made before l+1's
+    router runs). 1.0: always right; uniform routing: K / E."""
+    k = ids_next_NK.shape[1]
+    score_NE = p_EE[ids_l_NK.astype(np.int64)].sum(axis=1)
+    predicted_NK = np.argpartition(-score_NE, k - 1, axis=1)[:, :k]
+    right = (predicted_NK[:, :, None] == ids_next_NK[:, None, :].astype(np.int64)).any(axis=2)
+    return float(right.mean()) if right.size else float("nan")
+
+
+def held_out_prediction(trace: RoutingTrace, i: int) -> float:
+    """predicted_share from MoE layer i to i+1, the affinity fitted on the first half of the
+    sequences and scored on the others (nan for a single sequence)."""
+    seqs = np.unique(trace.seq_id)
+    if len(seqs) < 2:
+        return float("nan")
+    fit_N = np.isin(trace.seq_id, seqs[: len(seqs) // 2])
+    ids, following = trace.expert_ids[i], trace.expert_ids[i + 1]
+    p_EE = affinity(ids[fit_N], following[fit_N], trace.num_experts)
+    return predicted_share(p_EE, ids[~fit_N], following[~fit_N])
+
+
 def top_mass(p_EE: np.ndarray, load_E: np.ndarray, m: int) -> float:
     """The mass of each row's m largest entries, averaged over rows weighted by load_E."""
     mass_E = -np.sort(-p_EE, axis=1)[:, :m].sum(axis=1)
@@ -144,6 +167,7 @@ class TraceStats:
     layers: list[LayerStats]
     affinity: list[np.ndarray]  # per consecutive MoE-layer pair
     affinity_mass: list[dict[int, float]]
+    predicted: list[float]  # per pair: held_out_prediction
     partner_share: list[float]  # per layer (nan for top-1 routing)
     clusters: list[Clusters | None]  # per layer (None for top-1 routing)
 
@@ -160,6 +184,7 @@ def analyze(trace: RoutingTrace) -> TraceStats:
     pairs = [affinity(trace.expert_ids[i], trace.expert_ids[i + 1], trace.num_experts)
              for i in range(len(trace.moe_layers) - 1)]
     masses = [{m: top_mass(p, layers[i].load_E, m) for m in TOP_MASSES} for i, p in enumerate(pairs)]
+    predicted = [held_out_prediction(trace, i) for i in range(len(pairs))]
     partners, groups = [], []
     for i in range(len(trace.moe_layers)):
         if trace.top_k < 2:
@@ -169,7 +194,7 @@ def analyze(trace: RoutingTrace) -> TraceStats:
         both_EE, chosen_E = coactivation(trace.expert_ids[i], trace.num_experts)
         partners.append(partner_share(both_EE, chosen_E, trace.top_k - 1))
         groups.append(clusters(both_EE, chosen_E, cluster_groups(trace.num_experts)))
-    return TraceStats(layers, pairs, masses, partners, groups)
+    return TraceStats(layers, pairs, masses, predicted, partners, groups)
 
 
 def cluster_groups(num_experts: int) -> int:
@@ -202,12 +227,15 @@ def summary_markdown(trace: RoutingTrace, stats: TraceStats) -> str:
     if stats.affinity:
         lines += ["", "## Inter-layer affinity", "",
                   ("Mass of the m most likely experts at layer l+1 given one expert at layer l "
-                   f"(uniform routing: {', '.join(f'm={m}: {m / E:.3f}' for m in TOP_MASSES)})."), "",
-                  "| layers | " + " | ".join(f"top-{m} mass" for m in TOP_MASSES) + " |",
-                  "|---|" + "---|" * len(TOP_MASSES)]
+                   f"(uniform routing: {', '.join(f'm={m}: {m / E:.3f}' for m in TOP_MASSES)}). Predicted: the "
+                   f"share of a token's {K} experts at l+1 named by the {K} with the highest summed P(. | a) over "
+                   f"its experts a at l, fitted on half the sequences, scored on the rest (uniform: {K / E:.3f})."),
+                  "", "| layers | " + " | ".join(f"top-{m} mass" for m in TOP_MASSES) + " | predicted |",
+                  "|---|" + "---|" * len(TOP_MASSES) + "---|"]
         moe = trace.moe_layers.tolist()
-        for i, mass in enumerate(stats.affinity_mass):
-            lines.append(f"| {moe[i]} -> {moe[i + 1]} | " + " | ".join(_fmt(mass[m]) for m in TOP_MASSES) + " |")
+        for i, (mass, right) in enumerate(zip(stats.affinity_mass, stats.predicted)):
+            lines.append(f"| {moe[i]} -> {moe[i + 1]} | " + " | ".join(_fmt(mass[m]) for m in TOP_MASSES)
+                         + f" | {_fmt(right)} |")
     if any(c is not None for c in stats.clusters):
         E1 = E - 1
         lines += ["", "## Co-activation", "",

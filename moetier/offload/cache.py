@@ -127,17 +127,44 @@ class LayerAware(EvictionPolicy):
     """For layer sweeps, where every token visits the MoE layers in order: evicts the candidate whose
     layer comes round again last (the layers just behind the current one, the current layer's own
     unneeded experts first), the least recently used within a layer. LRU keeps exactly the wrong
-    experts when the pool holds less than one sweep's worth: the ones used longest ago are needed next."""
+    experts when the pool holds less than one sweep's worth: the ones used longest ago are needed next.
+
+    `choose` keeps a heap per layer of (last use, -expert, expert), stale entries dropped as they
+    surface (as LRU does), so a miss costs a few heap operations in the first layer with a candidate
+    rather than a pass over that layer's slots (measured: 13.7 us per needed expert on the OLMoE donor's
+    decode steps in 69 slots, CPU)."""
 
     def __init__(self, moe_layers: Iterable[int]):
         self.layers = tuple(moe_layers)
         self.position = {layer: i for i, layer in enumerate(self.layers)}
         self.current: int | None = None
-        self.lru = LRU()
+        self.lru = LRU()  # the clock and last uses only: its own heap stays empty (no `loaded` calls)
+        self._resident: set[ExpertId] = set()
+        self._heaps: dict[int, list[tuple[int, int, ExpertId]]] = {layer: [] for layer in self.layers}
+        self._resident_in: Counter[int] = Counter()  # layer -> its resident experts
 
     def access(self, expert: ExpertId) -> None:
         self.current = self.position[expert.layer]
         self.lru.access(expert)
+        if expert in self._resident:
+            self._push(expert)
+
+    def loaded(self, expert: ExpertId) -> None:
+        self._resident.add(expert)
+        self._resident_in[expert.layer] += 1
+        self._push(expert)
+
+    def evicted(self, expert: ExpertId) -> None:
+        self._resident.discard(expert)  # its heap entries go stale
+        self._resident_in[expert.layer] -= 1
+
+    def _push(self, expert: ExpertId) -> None:
+        heap = self._heaps[expert.layer]
+        heapq.heappush(heap, (self.lru.last_use.get(expert, 0), -expert.expert, expert))
+        if len(heap) > 4 * self._resident_in[expert.layer] + 16:  # hits alone never pop: compact
+            heap[:] = [(use, neg, e) for use, neg, e in heap
+                       if e in self._resident and use == self.lru.last_use.get(e, 0)]
+            heapq.heapify(heap)
 
     def victim(self, candidates: Collection[ExpertId]) -> ExpertId | None:
         if self.current is None:
@@ -150,16 +177,37 @@ class LayerAware(EvictionPolicy):
         return max(candidates, key=lambda e: (layers_until_needed(e), -self.lru.last_use.get(e, 0), e), default=None)
 
     def choose(self, resident: Resident, protected: Collection[ExpertId]) -> ExpertId | None:
-        """The layers in victim order, each one's experts alone: the first layer with a candidate has it."""
+        """The layers in victim order, each one's heap alone: the first layer with a candidate has it."""
         if self.current is None:
             return super().choose(resident, protected)
         layers, last_use = self.layers, self.lru.last_use
+        # The current layer first (needed again last): its experts are mostly this step's, protected,
+        # so a plain pass over them beats popping and re-pushing each from its heap on every miss.
+        own = [e for e in resident.get(layers[self.current], ()) if e not in protected]
+        if own:
+            return min(own, key=lambda e: (last_use.get(e, 0), -e.expert))
         num_layers = len(layers)
-        for back in range(num_layers):  # the current layer (needed again last), then the ones behind it
-            candidates = [e for e in resident.get(layers[(self.current - back) % num_layers], ()) if e not in protected]
-            if candidates:  # victim()'s order within one layer: least recently used, then the highest id
-                return min(candidates, key=lambda e: (last_use.get(e, 0), -e.expert))
+        for back in range(1, num_layers):  # then the ones behind it
+            found = self._least_recent(self._heaps[layers[(self.current - back) % num_layers]], protected)
+            if found is not None:
+                return found
         return None
+
+    def _least_recent(self, heap: list[tuple[int, int, ExpertId]], protected: Collection[ExpertId]) -> ExpertId | None:
+        """The layer's least recently used resident expert outside `protected` (ties: the highest id)."""
+        skipped, found = [], None
+        while heap:
+            use, _, expert = heap[0]
+            if expert not in self._resident or use != self.lru.last_use.get(expert, 0):
+                heapq.heappop(heap)  # evicted since, or used again later
+            elif expert in protected:
+                skipped.append(heapq.heappop(heap))
+            else:
+                found = expert
+                break
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        return found
 
 
 def first_experts(moe_layers: Iterable[int], num_experts: int, count: int) -> list[ExpertId]:

@@ -218,6 +218,20 @@ def test_fast_victim_choice_equals_the_full_scan(slots, policy, steps):
     assert {e for experts in planner.resident.values() for e in experts} == set(planner.slot_of)
 
 
+def test_layer_aware_heaps_stay_bounded_under_hits():
+    """Hits push heap entries that no eviction pops: a run of hits must not grow the heaps without
+    bound, and the victim must still be the full scan's."""
+    policy = make_policy("layer", 4, (0, 1), 4, top_k=2)
+    planner = SlotPlanner(4, policy)
+    for layer, needed in [(0, [0, 1]), (1, [2, 3])] * 500:  # every step a hit after the first sweep
+        planner.access(layer, needed)
+        planner.plan_round(layer, needed)
+    assert max(len(heap) for heap in policy._heaps.values()) <= 4 * 2 + 16 + 1
+    planner.access(0, [3])
+    everyone = [e for e in planner.slot_of if e != ExpertId(0, 3)]
+    assert policy.choose(planner.resident, {ExpertId(0, 3)}) == policy.victim(everyone) == ExpertId(0, 0)
+
+
 def _simulate(policy, capacity: int, accesses: list[ExpertId]) -> list[set[ExpertId]]:
     """A cache of `capacity` driven by the policy, one access at a time; its contents after each."""
     cache, history = set(), []

@@ -131,8 +131,8 @@ class LayerAware(EvictionPolicy):
 
     `choose` keeps a heap per layer of (last use, -expert, expert), stale entries dropped as they
     surface (as LRU does), so a miss costs a few heap operations in the first layer with a candidate
-    rather than a pass over that layer's slots (measured: 13.7 us per needed expert on the OLMoE donor's
-    decode steps in 69 slots, CPU)."""
+    rather than a pass over that layer's slots (benchmarks/planner_speed.py: 9.3 -> 4.4 us per needed
+    expert on the OLMoE donor in 69 slots)."""
 
     def __init__(self, moe_layers: Iterable[int]):
         self.layers = tuple(moe_layers)

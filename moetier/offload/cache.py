@@ -40,6 +40,27 @@ class EvictionPolicy(ABC):
         """`expert` gave up its slot."""
 
 
+def least_recent(heap: list[tuple], resident: Collection[ExpertId], last_use: Mapping[ExpertId, int],
+                 protected: Collection[ExpertId]) -> ExpertId | None:
+    """The top of a lazy heap of (last use, ..., expert) entries that is resident, used last at that
+    entry's time and not protected: stale entries (evicted since, or used again later) are dropped,
+    protected ones set aside and put back."""
+    skipped, found = [], None
+    while heap:
+        entry = heap[0]
+        use, expert = entry[0], entry[-1]
+        if expert not in resident or use != last_use.get(expert, 0):
+            heapq.heappop(heap)
+        elif expert in protected:
+            skipped.append(heapq.heappop(heap))
+        else:
+            found = expert
+            break
+    for entry in skipped:
+        heapq.heappush(heap, entry)
+    return found
+
+
 class LRU(EvictionPolicy):
     """Evicts the candidate used least recently (never-used first, then by id). `choose` keeps a heap
     of (last use, expert) with stale entries dropped as they surface, so a miss costs a few heap
@@ -67,19 +88,7 @@ class LRU(EvictionPolicy):
         self._resident.discard(expert)  # its heap entries go stale
 
     def choose(self, resident: Resident, protected: Collection[ExpertId]) -> ExpertId | None:
-        skipped, found = [], None
-        while self._heap:
-            use, expert = self._heap[0]
-            if expert not in self._resident or use != self.last_use.get(expert, 0):
-                heapq.heappop(self._heap)  # evicted since, or used again later
-            elif expert in protected:
-                skipped.append(heapq.heappop(self._heap))
-            else:
-                found = expert
-                break
-        for entry in skipped:
-            heapq.heappush(self._heap, entry)
-        return found
+        return least_recent(self._heap, self._resident, self.last_use, protected)
 
 
 class LFU(EvictionPolicy):
@@ -188,26 +197,11 @@ class LayerAware(EvictionPolicy):
             return min(own, key=lambda e: (last_use.get(e, 0), -e.expert))
         num_layers = len(layers)
         for back in range(1, num_layers):  # then the ones behind it
-            found = self._least_recent(self._heaps[layers[(self.current - back) % num_layers]], protected)
+            heap = self._heaps[layers[(self.current - back) % num_layers]]
+            found = least_recent(heap, self._resident, last_use, protected)
             if found is not None:
                 return found
         return None
-
-    def _least_recent(self, heap: list[tuple[int, int, ExpertId]], protected: Collection[ExpertId]) -> ExpertId | None:
-        """The layer's least recently used resident expert outside `protected` (ties: the highest id)."""
-        skipped, found = [], None
-        while heap:
-            use, _, expert = heap[0]
-            if expert not in self._resident or use != self.lru.last_use.get(expert, 0):
-                heapq.heappop(heap)  # evicted since, or used again later
-            elif expert in protected:
-                skipped.append(heapq.heappop(heap))
-            else:
-                found = expert
-                break
-        for entry in skipped:
-            heapq.heappush(heap, entry)
-        return found
 
 
 def first_experts(moe_layers: Iterable[int], num_experts: int, count: int) -> list[ExpertId]:

@@ -25,7 +25,7 @@ from moetier.llm import LLM
 from moetier.offload.budget import parse_size
 from moetier.sampling_params import SamplingParams
 from moetier.trace.recorder import RoutingRecorder, attach_recorder, engine_trace
-from moetier.trace.simulate import simulate
+from moetier.trace.simulate import access_events, simulate
 
 
 def expected_active_experts(num_experts: int, top_k: int, batch: int) -> float:
@@ -46,11 +46,6 @@ def decode_step_bytes(engine: Engine, batch: int, mean_context: float) -> float:
         experts += expected_active_experts(spec.moe.num_experts, spec.moe.top_k, batch) * part_bytes
     kv_per_token = sum(t.shape[2:].numel() * t.element_size() for layer in engine.runner.kv_cache.layers for t in layer)
     return dense + experts + batch * mean_context * kv_per_token
-
-
-def _offload_counters(engine: Engine) -> dict | None:
-    stats = engine.executor.stats()
-    return stats if stats.get("executor") == "offloaded" else None
 
 
 def offload_figures(before: dict, after: dict, steps: int, step_s: float, batch: int, h2d_gbps: float | None) -> dict:
@@ -90,7 +85,7 @@ def measure_prefill(llm: LLM, length: int, h2d_gbps: float | None, repeats: int 
     params = SamplingParams(max_tokens=1, ignore_eos=True)
     llm.generate(prompt, params)  # warm-up: kernels for this shape compiled
     times = []
-    before = _offload_counters(engine)
+    before = engine.offload_stats()
     for _ in range(repeats):
         _sync(engine.resolved.device)
         start = time.perf_counter()
@@ -100,7 +95,7 @@ def measure_prefill(llm: LLM, length: int, h2d_gbps: float | None, repeats: int 
     seconds = sorted(times)[len(times) // 2]
     result = {"tokens": length, "ms": round(seconds * 1e3, 2), "tok_s": round(length / seconds, 1)}
     if before is not None:  # per prefill: a step of `length` tokens
-        result["offload"] = offload_figures(before, _offload_counters(engine), repeats, seconds, length, h2d_gbps)
+        result["offload"] = offload_figures(before, engine.offload_stats(), repeats, seconds, length, h2d_gbps)
     return result
 
 
@@ -122,10 +117,10 @@ def measure_decode(llm: LLM, batch: int, prompt_len: int, output_len: int, bandw
         if first_token_at is None and started == batch:
             _sync(device)
             first_token_at = time.perf_counter()
-            before = _offload_counters(engine)
+            before = engine.offload_stats()
     _sync(device)
     end = time.perf_counter()
-    after = _offload_counters(engine)
+    after = engine.offload_stats()
     steps = output_len - 1
     step_s = (end - first_token_at) / steps
     result = {
@@ -159,7 +154,7 @@ def run_bench(llm: LLM, batch_sizes: list[int], prompt_len: int, output_len: int
     engine = llm.engine
     device = engine.resolved.device
     bandwidth_gbps, h2d_gbps = profile.get("device_copy_gbps"), profile.get("h2d_pinned_gbps")
-    offloaded = _offload_counters(engine)
+    offloaded = engine.offload_stats()
     recorder = attach_recorder(engine) if offloaded else None
     report = {
         "model": str(engine.source.model_dir),
@@ -189,9 +184,10 @@ def offload_summary(engine: Engine, recorder: RoutingRecorder, h2d_gbps: float |
     on the routing the bench produced, with the same number of slots (cold start, no prefetch)."""
     stats = engine.executor.stats()
     trace = engine_trace(engine, recorder)
+    events = access_events(trace)
     replayed = {}
     for policy in dict.fromkeys(["static", engine.config.eviction]):
-        hits, misses = simulate(trace, policy, stats["num_slots"])
+        hits, misses = simulate(trace, policy, stats["num_slots"], events)
         replayed[policy] = round(hits / (hits + misses), 4) if hits + misses else None
     keys = ("num_slots", "slot_bytes", "hit_rate", "bytes_copied", "prefetch_loads", "prefetch_used",
             "slot_occupancy", "disk_experts", "disk_direct_io", "disk_bytes_read", "disk_read_s",

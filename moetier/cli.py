@@ -272,6 +272,7 @@ def _bench(args, prepare=None) -> None:
     import torch
 
     from moetier.bench import run_bench
+    from moetier.config import resolve_device
     from moetier.llm import LLM
     from moetier.offload.calibrate import load_or_calibrate
 
@@ -283,14 +284,12 @@ def _bench(args, prepare=None) -> None:
     # The machine's calibration comes before the model: its 1 GiB buffers would not fit under the
     # allocator cap of a --gpu-memory budget, and their cached blocks are handed back before it.
     profile = {}
-    if args.device != "cpu" and torch.cuda.is_available():
+    if resolve_device(args.device).type == "cuda":
         profile = load_or_calibrate()
         torch.cuda.empty_cache()
     start = time.perf_counter()
     llm = LLM(args.model, **options)
     load_seconds = time.perf_counter() - start
-    if llm.engine.resolved.device.type != "cuda":
-        profile = {}
     if prepare is not None:
         prepare(llm)
     if args.routing != "router":

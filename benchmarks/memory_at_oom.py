@@ -4,9 +4,10 @@ allocation, summed by the moetier line that allocated them.
     python benchmarks/memory_at_oom.py benchmarks/configs/qwen3-30b-a3b --gpu-memory 12GiB \
         --routing replay:benchmarks/results/traces/donor-qwen3-30b-a3b/heldout.npz
 
-`memory_at_oom.py bench ARGS...` runs `moetier bench ARGS` the same way. Otherwise it runs the bench's batch prefill (BATCH prompts of 512 tokens, 2048-token steps) and a few decode
-steps under the budget's allocator cap with torch's allocation history on; prints the plan, the
-allocator's peak, and, at an out-of-memory error, the live blocks by allocating line.
+Runs the bench's batch prefill (BATCH prompts of 512 tokens, 2048-token steps) and a few decode
+steps under the budget's allocator cap with torch's allocation history on; prints the plan, what
+is allocated once loaded, the allocator's peak, and, at an out-of-memory error, the live blocks by
+allocating line. `memory_at_oom.py bench ARGS...` runs `moetier bench ARGS` the same way.
 """
 
 import argparse
@@ -33,6 +34,13 @@ def live_by_line(snapshot: dict) -> Counter:
     return by_line
 
 
+def print_live_blocks(error: torch.OutOfMemoryError) -> None:
+    """The error's first line, then the 30 largest sums of live blocks by allocating line."""
+    print("OOM:", str(error).splitlines()[0])
+    for line, size in live_by_line(torch.cuda.memory._snapshot()).most_common(30):
+        print(f"{size / (1 << 20):10.1f} MiB  {line}")
+
+
 def bench_under_history(bench_args: list[str]) -> None:
     """`moetier bench ARGS` with the allocation history on; at an out-of-memory error, the live blocks."""
     from moetier.cli import main as cli_main
@@ -41,9 +49,7 @@ def bench_under_history(bench_args: list[str]) -> None:
     try:
         cli_main(["bench", *bench_args])
     except torch.OutOfMemoryError as error:
-        print("OOM:", str(error).splitlines()[0])
-        for line, size in live_by_line(torch.cuda.memory._snapshot()).most_common(30):
-            print(f"{size / (1 << 20):10.1f} MiB  {line}")
+        print_live_blocks(error)
 
 
 def main() -> None:
@@ -76,9 +82,7 @@ def main() -> None:
         print(f"no OOM: peak allocated {torch.cuda.max_memory_allocated() / GIB:.3f} GiB, peak reserved "
               f"{torch.cuda.max_memory_reserved() / GIB:.3f} GiB")
     except torch.OutOfMemoryError as error:
-        print("OOM:", str(error).splitlines()[0])
-        for line, size in live_by_line(torch.cuda.memory._snapshot()).most_common(25):
-            print(f"{size / (1 << 20):10.1f} MiB  {line}")
+        print_live_blocks(error)
 
 
 if __name__ == "__main__":

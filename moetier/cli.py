@@ -352,17 +352,11 @@ def fit_report(model: str, gpu_memory: str, cpu_memory: str | None = None, dtype
 def simulated_routing(path: str, spec, num_slots: int, policy: str = "layer") -> dict:
     """The hit rate a routing trace's decode steps (all its steps, if it has none) get in num_slots
     slots, through the runtime's planner and policy; the trace must have the model's routing shape."""
-    from moetier.trace.format import load_trace
+    from moetier.trace.format import load_trace, require_routing_shape
     from moetier.trace.simulate import select_phase, simulate
 
     trace = load_trace(path)
-    want = (len(spec.moe_layer_ids), spec.moe.num_experts, spec.moe.top_k)
-    have = (len(trace.moe_layers), trace.num_experts, trace.top_k)
-    if have != want:
-        raise MoetierError(f"routing trace {path} has {have[0]} MoE layers x {have[1]} experts, top-{have[2]}; "
-                           f"the model has {want[0]} x {want[1]}, top-{want[2]}")
-    if trace.num_tokens == 0:
-        raise MoetierError(f"routing trace {path} has no tokens")
+    require_routing_shape(trace, (len(spec.moe_layer_ids), spec.moe.num_experts, spec.moe.top_k), path)
     decode = select_phase(trace, "decode")
     steps = decode if decode.num_tokens else trace
     hits, misses = simulate(steps, policy, num_slots)

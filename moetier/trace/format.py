@@ -125,3 +125,16 @@ def load_trace(path: str | Path) -> RoutingTrace:
         return trace.validate()
     except MoetierError as e:
         raise MoetierError(f"{path}: {e}") from None
+
+
+def require_routing_shape(trace: RoutingTrace, shape: tuple[int, int, int], source: str) -> None:
+    """A trace replayed into, or simulated for, a model must have its routing shape (MoE layers,
+    experts, top-k) and at least one token."""
+    have = (len(trace.moe_layers), trace.num_experts, trace.top_k)
+    if have != shape:
+        raise MoetierError(
+            f"routing trace {source} has {have[0]} MoE layers x {have[1]} experts, top-{have[2]}; the model has "
+            f"{shape[0]} x {shape[1]}, top-{shape[2]}: it does not match the model's routing shape"
+        )
+    if trace.num_tokens == 0:
+        raise MoetierError(f"routing trace {source} has no tokens")

@@ -12,20 +12,13 @@ import torch
 from moetier.errors import MoetierError
 from moetier.moe.layer import MoELayer
 from moetier.moe.router import Routing
-from moetier.trace.format import RoutingTrace
+from moetier.trace.format import RoutingTrace, require_routing_shape
 
 
 class ReplayedRouting:
     def __init__(self, trace: RoutingTrace, moe_layers: tuple[int, ...], num_experts: int, top_k: int,
                  device: torch.device):
-        shape = (len(trace.moe_layers), trace.num_experts, trace.top_k)
-        if shape != (len(moe_layers), num_experts, top_k):
-            raise MoetierError(
-                f"trace routing shape (MoE layers, experts, top-k) = {shape} does not match the model's "
-                f"{(len(moe_layers), num_experts, top_k)}: replay needs a trace of the same routing shape"
-            )
-        if trace.num_tokens == 0:
-            raise MoetierError("the trace has no tokens to replay")
+        require_routing_shape(trace, (len(moe_layers), num_experts, top_k), trace.model_id)
         self.position_of = {layer: i for i, layer in enumerate(moe_layers)}
         self.last_layer = moe_layers[-1]
         # Kept in the trace's own narrow dtypes (uint8/int16 ids, fp16 weights) and widened per step:

@@ -20,6 +20,8 @@ class ForgetfulPlanner(SlotPlanner):
     """Every round starts from an empty pool: each needed expert is a miss."""
 
     def plan_round(self, layer, experts, keep=frozenset()):
+        for expert in self.slot_of:  # the policy's own bookkeeping forgets them too
+            self.policy.evicted(expert)
         SlotPlanner.__init__(self, len(self.holder), self.policy)  # all slots free again
         return super().plan_round(layer, experts, keep)
 
@@ -34,7 +36,7 @@ class ComputeStreamCopyEngine(CudaCopyEngine):
 
 def make_naive(llm) -> None:
     executor = llm.engine.executor
-    if executor.stats().get("executor") != "offloaded":
+    if llm.engine.offload_stats() is None:
         raise SystemExit("naive_offload: the model fits the budget; give a --gpu-memory that forces offloading")
     executor.planner = ForgetfulPlanner(executor.pool.num_slots, executor.planner.policy)
     executor.prefetch_next_layer = False

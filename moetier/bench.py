@@ -7,9 +7,11 @@ uniform routing E * (1 - (1 - k/E)^b) per MoE layer — and the batch's KV cache
 device bandwidth measured by `moetier calibrate` (a device-to-device copy). The fraction is that
 ideal step time over the measured one.
 
-Offloaded experts add the copy bound: the host-to-device bytes a step actually copied (its misses,
-counted by the executor) over the measured pinned copy bandwidth; `copy_efficiency` is that time
-over the measured step time, and `bound_tok_s` the lower of the two bounds. The hit rate is set
+Offloaded experts add the copy bound: the bytes of the experts a step needed and did not have
+(its misses, a prefetched expert counting as the miss it would have been) over the measured pinned
+copy bandwidth; `copy_efficiency` is that time over the measured step time, and `bound_tok_s` the
+lower of the two bounds. Prefetches of wrongly guessed experts are copied bytes (`h2d_bytes_*`)
+that count against the efficiency, not for it. The hit rate is set
 beside what static pinning and the run's own policy get on the same routing (recorded during the
 bench and replayed through the same slot planner).
 """
@@ -55,15 +57,19 @@ def offload_figures(before: dict, after: dict, steps: int, step_s: float, batch:
 
     accesses = delta("hits") + delta("misses")
     copied_per_step = delta("bytes_copied") / steps
+    missed_per_step = delta("miss_bytes") / steps
     figures = {
         "hit_rate": round(delta("hits") / accesses, 4) if accesses else None,
         "h2d_bytes_per_step": int(copied_per_step),
         "h2d_bytes_per_token": int(copied_per_step / batch),
+        "miss_bytes_per_step": int(missed_per_step),
+        "prefetch_used": delta("prefetch_used"),
+        "prefetch_loads": delta("prefetch_loads"),
         "copy_stall_ms_per_step": round(delta("copy_wait_s") / steps * 1e3, 3),
         "routing_sync_ms_per_step": round(delta("routing_sync_s") / steps * 1e3, 3),
     }
-    if h2d_gbps and copied_per_step:
-        copy_s = copied_per_step / (h2d_gbps * 1e9)
+    if h2d_gbps and missed_per_step:
+        copy_s = missed_per_step / (h2d_gbps * 1e9)
         figures["copy_bound_tok_s"] = round(batch / copy_s, 2)
         figures["copy_efficiency"] = round(copy_s / step_s, 3)
     return figures
@@ -189,10 +195,11 @@ def offload_summary(engine: Engine, recorder: RoutingRecorder, h2d_gbps: float |
     for policy in dict.fromkeys(["static", engine.config.eviction]):
         hits, misses = simulate(trace, policy, stats["num_slots"], events)
         replayed[policy] = round(hits / (hits + misses), 4) if hits + misses else None
-    keys = ("num_slots", "slot_bytes", "hit_rate", "bytes_copied", "prefetch_loads", "prefetch_used",
+    keys = ("num_slots", "slot_bytes", "hit_rate", "bytes_copied", "miss_bytes", "prefetch_loads", "prefetch_used",
+            "prediction_precision", "prediction_recall", "prefetch_window_s", "expert_copy_s",
             "slot_occupancy", "disk_experts", "disk_direct_io", "disk_bytes_read", "disk_read_s",
             "host_arena_reserved_bytes")
-    summary = {"eviction": engine.config.eviction, "h2d_pinned_gbps": h2d_gbps,
+    summary = {"eviction": engine.config.eviction, "predictor": engine.config.predictor, "h2d_pinned_gbps": h2d_gbps,
                **{k: stats[k] for k in keys if k in stats}, "replayed_hit_rate": replayed}
     if stats["disk_read_s"]:
         summary["disk_read_gbps"] = round(stats["disk_bytes_read"] / stats["disk_read_s"] / 1e9, 2)

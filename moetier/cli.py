@@ -31,6 +31,9 @@ def _engine_flags() -> argparse.ArgumentParser:
                    help="with offloading: which cached expert gives up its slot (layer: the one whose layer "
                    "comes round again last, the default; static pins the first slots - top_k experts; a "
                    "global LRU over layer sweeps keeps exactly the experts needed last)")
+    g.add_argument("--predictor", default="gate", choices=["gate", "none"],
+                   help="with offloading: how the next MoE layer's experts are guessed, to copy them while "
+                   "this layer computes (gate: that layer's router on this layer's input; none: no guess)")
     g.add_argument("--gpu-memory", help="device memory budget, e.g. 24GiB or 40GB: weights, KV cache, a reserve "
                    "and as many expert slots as fit (offloading only when not every expert fits; with "
                    "--expert-slots: checks that they fit)")
@@ -158,6 +161,7 @@ def _engine_options(args) -> dict:
         seed=args.seed,
         expert_slots=args.expert_slots,
         eviction=args.eviction,
+        predictor=args.predictor,
         gpu_memory=args.gpu_memory,
         cpu_memory=args.cpu_memory,
     )

@@ -10,6 +10,7 @@ from moetier.errors import MoetierError
 from moetier.models.spec import ModelSpec
 from moetier.offload.budget import MemoryPlan, gib, parse_size, plan_memory
 from moetier.offload.cache import POLICY_NAMES
+from moetier.offload.predict import PREDICTOR_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture decode steps (CUDA, GQA models); False: always eager
     expert_slots: int | None = None  # None: every expert resident; N: offload, a pool of N GPU expert slots
     eviction: str = "layer"  # with expert_slots: layer | lru | lfu | static
+    predictor: str = "gate"  # with expert_slots: gate (next layer's router on this layer's input) | none
     gpu_memory: str | int | None = None  # "24GiB", "40GB", bytes: plan expert slots for this device budget
     cpu_memory: str | int | None = None  # cap on the host expert store (pinned arena) when offloading
 
@@ -45,6 +47,8 @@ class EngineConfig:
             raise MoetierError("expert_slots must be at least 1 (or None for every expert resident)")
         if self.eviction not in POLICY_NAMES:
             raise MoetierError(f"unknown eviction policy {self.eviction!r} (choose {', '.join(POLICY_NAMES)})")
+        if self.predictor not in PREDICTOR_NAMES:
+            raise MoetierError(f"unknown predictor {self.predictor!r} (choose {', '.join(PREDICTOR_NAMES)})")
         for name in ("gpu_memory", "cpu_memory"):
             if getattr(self, name) is not None:
                 parse_size(getattr(self, name))  # a malformed size fails here, before anything loads

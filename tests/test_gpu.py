@@ -6,6 +6,8 @@ import torch
 from checkpoints import FAMILY_CONFIGS, make_checkpoint
 from moetier import LLM, SamplingParams
 from moetier.engine.cuda_graphs import DecodeGraphs, PiecewiseDecodeGraphs
+from moetier.offload import executor as executor_module
+from moetier.offload.prefetch import PrefetchWindow
 from parity import LOGIT_RTOL, assert_greedy_matches
 
 pytestmark = pytest.mark.gpu
@@ -98,16 +100,21 @@ def test_cuda_graph_decode_equals_eager(dtype, tmp_path):
 
 
 @pytest.mark.parametrize("slots", [1, 3, 6, 12, 24])
-def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, tmp_path):
+@pytest.mark.parametrize("predictor", ["none", "gate"])
+def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_path, monkeypatch):
     """The real copy stream and events: tiny pools (one or two slots per layer of 3) force refills of
     slots a kernel just read; larger ones run the prefill overlap (hits compute while misses stream)
-    and the next-layer prefetch."""
+    and the next-layer prefetch: whole layers after spread routing, or (gate) every guess of the
+    predictor, its precision and the measured window ignored."""
+    if predictor == "gate":
+        monkeypatch.setattr(executor_module, "PREDICTION_MIN_PRECISION", 0.0)
+        monkeypatch.setattr(PrefetchWindow, "depth", lambda self: 1000)
     make_checkpoint("qwen3_moe", tmp_path)
     prompts = [[5, 6, 7], list(range(10, 40)), list(range(50, 55)), [9] * 12, [70, 71], list(range(80, 101))]
     params = SamplingParams(max_tokens=16, ignore_eos=True, logprobs=2)
     resident = LLM(str(tmp_path), dtype="bfloat16", device="cuda", max_model_len=128, max_num_seqs=8)
     offloaded = LLM(str(tmp_path), dtype="bfloat16", device="cuda", max_model_len=128, max_num_seqs=8,
-                    expert_slots=slots)
+                    expert_slots=slots, predictor=predictor)
     assert isinstance(offloaded.engine.runner.graphs, PiecewiseDecodeGraphs)
     ids = list(range(10, 70))
     assert torch.equal(offloaded.score(ids), resident.score(ids))
@@ -119,4 +126,7 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, tmp_path):
     stats = offloaded.stats()
     copies = stats["misses"] - stats["prefetch_used"] + stats["prefetch_loads"]
     assert stats["misses"] > 0 and stats["bytes_copied"] == copies * stats["slot_bytes"]
-    assert (stats["prefetch_used"] > 0) == (slots >= 12)  # 8 experts per layer: room for a next layer's
+    # 8 experts per layer: room for a next layer's whole or guessed experts from 12 slots
+    assert (stats["prefetch_used"] > 0) == (slots >= 12)
+    if predictor == "gate" and slots >= 6:  # guesses are made where a layer fits (0.91 right on CPU)
+        assert stats["prediction_precision"] > 0.5 and stats["expert_copy_s"] > 0

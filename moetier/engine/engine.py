@@ -18,6 +18,8 @@ from moetier.errors import MoetierError
 from moetier.loader.load import load_model, read_source
 from moetier.loader.resolve import resolve_model_dir
 from moetier.offload.budget import CONTEXT_BYTES
+from moetier.offload.executor import OffloadedExecutor
+from moetier.offload.predict import make_predictor
 from moetier.sampling_params import SamplingParams
 from moetier.tokenizer import Tokenizer, read_stop_token_ids
 
@@ -67,6 +69,8 @@ class Engine:
             self.source, r.dtype, r.device, config.load_format, config.seed, r.expert_slots, config.eviction,
             r.host_experts,
         )
+        if isinstance(self.executor, OffloadedExecutor):
+            self.executor.predictor = make_predictor(config.predictor, self.model)
         self.tokenizer = Tokenizer.from_dir(self.source.model_dir)
         self.stop_token_ids = read_stop_token_ids(self.source.model_dir, self.source.config, self.tokenizer)
         # One block beyond the sequences' share: the scratch block that CUDA-graph padding rows write to.

@@ -1,11 +1,13 @@
 """Copy engines: host -> device expert copies that run beside compute, ordered by events.
 
-The interface is five calls. `copy(dst, src, after)` starts a copy once the reader event `after`
+The interface is six calls. `copy(dst, src, after)` starts a copy once the reader event `after`
 (the last kernel that read dst) has completed and returns the copy's event; `wait(events)` makes
 compute wait for copies, and `stall_seconds()` says how long it stood still for them;
 `synchronize(event)` blocks the host until a copy has completed (before its source is
 overwritten); `mark_read(buffers)` returns an event recorded after the compute issued so far, which
-the caller keeps as the last reader of those buffers.
+the caller keeps as the last reader of those buffers; `marker(on_copies)` returns a timing event
+that completes when the copies (or the compute) issued so far have, and `elapsed(a, b)` the
+seconds between two completed markers.
 
 CudaCopyEngine: a dedicated copy stream, non-blocking copies from pinned memory, CUDA events; compute
 waits on the device (no host sync), only `synchronize` blocks the host. DelayedCopyEngine: the CPU
@@ -28,6 +30,10 @@ class Event(Protocol):
         """Blocks the host until the event has completed."""
         ...
 
+    def query(self) -> bool:
+        """Whether the event has completed (never blocks)."""
+        ...
+
 
 class CopyEngine(Protocol):
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event: ...
@@ -45,6 +51,10 @@ class CopyEngine(Protocol):
         ...
 
     def mark_read(self, buffers: list[torch.Tensor]) -> Event: ...
+
+    def marker(self, on_copies: bool) -> Event: ...
+
+    def elapsed(self, start: Event, end: Event) -> float: ...
 
 
 class CudaCopyEngine:
@@ -90,16 +100,26 @@ class CudaCopyEngine:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
+    def marker(self, on_copies: bool) -> Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.stream if on_copies else torch.cuda.current_stream(self.device))
+        return event
+
+    def elapsed(self, start: Event, end: Event) -> float:
+        return start.elapsed_time(end) / 1e3
+
 
 class CpuEvent:
-    """A host event: set by whoever completes the work."""
+    """A host event: set by whoever completes the work, at a time it keeps."""
 
     def __init__(self, done: bool = False):
         self._done = threading.Event()
+        self.time: float | None = None
         if done:
-            self._done.set()
+            self.set()
 
     def set(self) -> None:
+        self.time = time.perf_counter()
         self._done.set()
 
     def query(self) -> bool:
@@ -127,9 +147,7 @@ class DelayedCopyEngine:
         if reader is not None and reader is not after:
             self.violations.append(f"buffer at {dst.data_ptr():#x} refilled without waiting for its last reader")
         done = CpuEvent()
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._work, daemon=True, name="moetier-copy")
-            self._worker.start()
+        self._start_worker()
         self._queue.put((dst, src, after, done))
         return done
 
@@ -152,9 +170,28 @@ class DelayedCopyEngine:
             self._last_reader[buffer.data_ptr()] = event
         return event
 
+    def marker(self, on_copies: bool) -> Event:
+        if not on_copies:
+            return CpuEvent(done=True)  # compute is synchronous
+        done = CpuEvent()
+        self._start_worker()
+        self._queue.put((None, None, None, done))  # set when the worker gets there
+        return done
+
+    def elapsed(self, start: Event, end: Event) -> float:
+        return end.time - start.time
+
+    def _start_worker(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, daemon=True, name="moetier-copy")
+            self._worker.start()
+
     def _work(self) -> None:
         while True:
             dst, src, after, done = self._queue.get()
+            if dst is None:  # a marker
+                done.set()
+                continue
             if after is not None:
                 after.wait()
             if self.delay_s:

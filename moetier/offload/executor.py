@@ -12,6 +12,11 @@ when a layer needed nearly every expert (a long prompt under spread routing), th
 layer's experts start copying behind its own into slots this layer does not need. If the layer
 needs more experts than there are slots, it runs in rounds. Rounds write their assignment rows
 into one [A, D] buffer and one k-ordered sum follows, the same sum the resident combine ends with.
+Otherwise a predictor (offload/predict.py) guesses the next MoE layer's experts, its guess read in
+the same sync as the routing, and those not resident start copying behind this layer's misses, so
+the copy engine keeps working through the next layer's attention, router and routing read; the
+guesses are scored against what that layer then needs, and prefetching pauses while fewer than
+half were right.
 """
 
 import time
@@ -29,11 +34,18 @@ from moetier.moe.router import Routing
 from moetier.offload.cache import EvictionPolicy, make_policy
 from moetier.offload.copy_engine import CopyEngine, make_copy_engine
 from moetier.offload.planner import SlotPlanner
+from moetier.offload.predict import Predictor
+from moetier.offload.prefetch import PrefetchWindow
 from moetier.offload.slots import SlotPool
 from moetier.offload.store import ExpertStore
 
 # The next layer is prefetched whole when this one needed at least 7/8 of its experts.
 PREFETCH_NUMERATOR, PREFETCH_DENOMINATOR = 7, 8
+# Predicted experts are copied ahead (as many as fit the copy engine's idle window, prefetch.py)
+# while the running precision of the predictions is at least this: each wrong guess also evicts a
+# cached expert for nothing.
+PREDICTION_MIN_PRECISION = 0.5
+PRECISION_MEMORY = 0.9  # the running precision's weight on its past (per scored layer step)
 
 
 class OffloadedExecutor:
@@ -41,7 +53,8 @@ class OffloadedExecutor:
 
     def __init__(self, model_spec: ModelSpec, dtype: torch.dtype, device: torch.device | str, num_slots: int,
                  eviction: str | EvictionPolicy = "layer", copy_engine: CopyEngine | None = None,
-                 host_experts: int | None = None, prefetch_next_layer: bool = True, disk_key: str | None = None):
+                 host_experts: int | None = None, prefetch_next_layer: bool = True, disk_key: str | None = None,
+                 predictor: Predictor | None = None):
         device = torch.device(device)
         self.spec = model_spec.moe
         self.layout = ExpertLayout(model_spec.hidden_size, self.spec.intermediate_size, dtype, self.spec.expert_bias)
@@ -66,6 +79,13 @@ class OffloadedExecutor:
         self.prefetched: set[ExpertId] = set()  # loaded ahead of their layer, not used yet
         self.prefetch_loads = 0
         self.prefetch_used = 0
+        self.predictor = predictor  # may be set after the model is built (it reads the model's routers)
+        self.guess: tuple[int, list[int]] | None = None  # (MoE layer, the experts predicted for it)
+        self.precision = PREDICTION_MIN_PRECISION  # running precision: starts by trying
+        self.guessed_experts = 0
+        self.guessed_right = 0
+        self.needed_when_guessed = 0
+        self.window = PrefetchWindow(self.copy_engine)
         self._ids_host = torch.empty(0, dtype=torch.int64)  # pinned on CUDA: where the routing lands
 
     @property
@@ -73,16 +93,23 @@ class OffloadedExecutor:
         return self.store
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        guess_TK = self.predictor.predict(layer, x_TD) if self.predictor is not None else None
         started = time.perf_counter()
-        needed = self._read_routing(routing.topk_ids_TK)  # the one host sync of the layer
+        needed, guessed = self._read_routing(routing.topk_ids_TK, guess_TK)  # the one host sync of the layer
         self.routing_sync_s += time.perf_counter() - started
         if layer == self.moe_layers[0]:
             self.tokens += x_TD.shape[0]
+        position = self.moe_layers.index(layer)
+        if position > 0:  # the window of the layer before: from its copies' end to this routing
+            self.window.measure()
+        self._score_guess(layer, needed)
         self.planner.access(layer, needed)
+        copies_start = self.window.copies_start()
         hits, loads = self._plan_and_copy(layer, needed)
+        self.window.copies_issued(copies_start, len(loads))
         ready = sorted(hits + loads)
-        if len(ready) == len(needed):
-            self._prefetch_after(layer, needed)
+        if len(ready) == len(needed) and not self._prefetch_after(layer, needed):
+            self._prefetch_guess(layer, needed, guessed)
         overlap = bool(hits and loads) and x_TD.shape[0] > GEMV_MAX_TOKENS
         if len(ready) == len(needed) and not overlap:
             self._wait_for_copies(layer, ready)
@@ -102,24 +129,38 @@ class OffloadedExecutor:
             done = {e for experts in rounds for e in experts}
             remaining = [e for e in remaining if e not in done]
             if remaining:
+                self.window.discard()
                 hits, loads = self._plan_and_copy(layer, remaining)
                 rounds = [sorted(hits + loads)]
             else:
                 rounds = []
         return weighted_k_sum(out_AD, routing.topk_weights_TK)
 
-    def _read_routing(self, topk_ids_TK: torch.Tensor) -> list[int]:
-        """The distinct experts of the step, ascending. On CUDA the ids come over in one small copy
-        to pinned memory and one stream sync (a device unique would sort and sync twice)."""
+    def _read_routing(self, topk_ids_TK: torch.Tensor, guess_TK: torch.Tensor | None) -> tuple[list[int], list[int]]:
+        """The distinct experts of the step, ascending, and of the guess for the next layer, the
+        tokens' first choices first. On CUDA both come over in small copies to pinned memory and one
+        stream sync (a device unique would sort and sync twice)."""
+        # k-major: every token's first choice, then every second choice, ...
+        parts = [topk_ids_TK.reshape(-1)] + ([] if guess_TK is None else [guess_TK.t().reshape(-1)])
+        self.window.routing_issued()
         if not topk_ids_TK.is_cuda:
-            return np.unique(topk_ids_TK.numpy()).tolist()
-        count = topk_ids_TK.numel()
-        if self._ids_host.numel() < count:
-            self._ids_host = torch.empty(2 * count, dtype=torch.int64, pin_memory=True)
-        host = self._ids_host[:count]
-        host.copy_(topk_ids_TK.reshape(-1), non_blocking=True)
-        torch.cuda.current_stream(topk_ids_TK.device).synchronize()
-        return np.unique(host.numpy()).tolist()
+            hosts = [part.numpy() for part in parts]
+        else:
+            count = sum(part.numel() for part in parts)
+            if self._ids_host.numel() < count:
+                self._ids_host = torch.empty(2 * count, dtype=torch.int64, pin_memory=True)
+            hosts, offset = [], 0
+            for part in parts:
+                host = self._ids_host[offset : offset + part.numel()]
+                host.copy_(part, non_blocking=True)
+                hosts.append(host.numpy())
+                offset += part.numel()
+            torch.cuda.current_stream(topk_ids_TK.device).synchronize()
+        needed = np.unique(hosts[0]).tolist()
+        if len(hosts) == 1:
+            return needed, []
+        _, first_at = np.unique(hosts[1], return_index=True)
+        return needed, hosts[1][np.sort(first_at)].tolist()
 
     # --- planning and copies ----------------------------------------------------------------
 
@@ -146,21 +187,50 @@ class OffloadedExecutor:
         self.prefetch_used += len(early)
         return hits, loaded
 
-    def _prefetch_after(self, layer: int, needed: list[int]) -> None:
+    def _prefetch_after(self, layer: int, needed: list[int]) -> bool:
         """When this layer's step needed (nearly) every expert, as a long prompt's does under spread
         routing, the next MoE layer's step will too: its copies start now, behind this layer's, into
         slots this layer does not need, so they run while it computes. Routing that concentrates on
         a few experts (measured on the dummy Qwen3-30B-A3B: 29 of 128 per layer for a 512-token
-        prompt) prefetches nothing, rather than four times the bytes it needs."""
+        prompt) prefetches nothing, rather than four times the bytes it needs. True if it prefetched."""
         position = self.moe_layers.index(layer)
         if position + 1 == len(self.moe_layers) or not self.prefetch_next_layer:
-            return
+            return False
         num_experts = self.spec.num_experts
         if len(needed) * PREFETCH_DENOMINATOR < PREFETCH_NUMERATOR * num_experts:
-            return
+            return False
         keep = frozenset(ExpertId(layer, e) for e in needed)
         _, loaded = self._plan_and_copy(self.moe_layers[position + 1], list(range(num_experts)), keep, prefetch=True)
         self.prefetch_loads += len(loaded)
+        return True
+
+    def _prefetch_guess(self, layer: int, needed: list[int], guessed: list[int]) -> None:
+        """Starts the copies of the predicted next-layer experts that are not resident (the first
+        choices first, as many as fit the window), behind this layer's own, into slots this layer
+        does not need; remembers the guess to score it."""
+        position = self.moe_layers.index(layer)
+        if not guessed or position + 1 == len(self.moe_layers):
+            return
+        nxt = self.moe_layers[position + 1]
+        self.guess = (nxt, guessed)
+        if not self.prefetch_next_layer or self.precision < PREDICTION_MIN_PRECISION:
+            return
+        missing = [e for e in guessed if ExpertId(nxt, e) not in self.planner.slot_of][: self.window.depth()]
+        if missing:
+            keep = frozenset(ExpertId(layer, e) for e in needed)
+            _, loaded = self._plan_and_copy(nxt, missing, keep, prefetch=True)
+            self.prefetch_loads += len(loaded)
+
+    def _score_guess(self, layer: int, needed: list[int]) -> None:
+        """Scores the guess made for this layer (if any) against what it needs."""
+        if self.guess is None or self.guess[0] != layer:
+            return
+        guessed, self.guess = self.guess[1], None
+        right = len(set(guessed).intersection(needed))
+        self.guessed_experts += len(guessed)
+        self.guessed_right += right
+        self.needed_when_guessed += len(needed)
+        self.precision = PRECISION_MEMORY * self.precision + (1 - PRECISION_MEMORY) * right / len(guessed)
 
     def _wait_for_copies(self, layer: int, experts: list[int]) -> None:
         pending = []
@@ -223,8 +293,16 @@ class OffloadedExecutor:
             "disk_direct_io": self.store.disk.direct if self.store.disk is not None else None,
             "routing_sync_s": self.routing_sync_s,
             "tokens": self.tokens,
-            "prefetch_loads": self.prefetch_loads,  # copies started a layer ahead (after a layer needing 7/8)
+            "prefetch_loads": self.prefetch_loads,  # copies started a layer ahead (whole layer or predicted)
             "prefetch_used": self.prefetch_used,  # of those, used by their layer (counted as its misses)
+            "miss_bytes": misses * self.layout.slot_bytes,  # what the steps needed copied (prefetches used included)
+            # Of the experts predicted for a layer, the share it used (precision), and of those it
+            # used, the share predicted (recall).
+            "prediction_precision": self.guessed_right / self.guessed_experts if self.guessed_experts else None,
+            "prediction_recall": self.guessed_right / self.needed_when_guessed if self.needed_when_guessed else None,
+            # The copy engine's idle window per layer and one expert's copy time (running averages).
+            "prefetch_window_s": self.window.window_s,
+            "expert_copy_s": self.window.copy_s,
             "slot_occupancy": sum(h is not None for h in self.planner.holder) / self.pool.num_slots,
             "layers": {layer: {"hits": self.hits[layer], "misses": self.misses[layer]} for layer in self.moe_layers},
         }

@@ -8,8 +8,8 @@
 #   STAGE=replay  the same shapes driven by the routing of trained donors (benchmarks/results/traces/donor-*)
 #   STAGE=uniform the Mixtral and Qwen3 shapes with seeded uniform routing (synthetic:uniform), beside replay
 #   STAGE=predict GPU tests (TESTS=0 skips them), then where the copy engine idles with and without next-layer
-#                 prediction (benchmarks/profile_copy_gaps.py) on SHAPE (olmoe-1b-7b) at BUDGET (4GiB): the
-#                 dummy routers, uniform and donor routing, batch 1 and 8
+#                 prediction (benchmarks/profile_copy_gaps.py) for RUNS="shape:budget ..." (olmoe-1b-7b:4GiB):
+#                 the dummy routers, uniform and donor routing, batch 1 and 8
 #   STAGE=serve   the serving sweep on OLMoE-1B-7B at a 6 GiB budget, 32 sequences of 640 tokens (their KV
 #                 cache leaves room for 76 of 1024 experts; carry .whl: the server's wheels)
 set -uo pipefail
@@ -55,8 +55,9 @@ predict)
       > "$OUT/gpu_tests.log" 2>&1
     grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.log" | head -30
   fi
-  SHAPE=${SHAPE:-olmoe-1b-7b}
-  timeout "${LIMIT:-280}" python3 benchmarks/profile_copy_gaps.py benchmarks/configs/$SHAPE --gpu-memory "${BUDGET:-4GiB}" \
+  for RUN in ${RUNS:-olmoe-1b-7b:4GiB}; do  # shape:budget ...
+  SHAPE=${RUN%%:*}
+  timeout "${LIMIT:-280}" python3 benchmarks/profile_copy_gaps.py benchmarks/configs/$SHAPE --gpu-memory "${RUN#*:}" \
     --batches 1,8 --routings router,synthetic:uniform,replay:benchmarks/results/traces/donor-$SHAPE/heldout.npz \
     > "$OUT/copy_gaps_$SHAPE.jsonl" 2> "/tmp/gaps.err"; grep -v DEBUG /tmp/gaps.err | tail -3
   python3 - "$OUT/copy_gaps_$SHAPE.jsonl" <<'PY'
@@ -68,6 +69,7 @@ for line in open(sys.argv[1]):
           "win", r["prefetch_window_s"], "copy", r["expert_copy_s"])
     print("   ", p)
 PY
+  done
   ;;
 small)
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

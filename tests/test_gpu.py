@@ -108,7 +108,7 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
     predictor, its precision and the measured window ignored."""
     if predictor == "gate":
         monkeypatch.setattr(executor_module, "PREDICTION_MIN_PRECISION", 0.0)
-        monkeypatch.setattr(PrefetchWindow, "depth", lambda self: 1000)
+        monkeypatch.setattr(PrefetchWindow, "depth", lambda self, precision: 1000)
     make_checkpoint("qwen3_moe", tmp_path)
     prompts = [[5, 6, 7], list(range(10, 40)), list(range(50, 55)), [9] * 12, [70, 71], list(range(80, 101))]
     params = SamplingParams(max_tokens=16, ignore_eos=True, logprobs=2)
@@ -126,7 +126,7 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
     stats = offloaded.stats()
     copies = stats["misses"] - stats["prefetch_used"] + stats["prefetch_loads"]
     assert stats["misses"] > 0 and stats["bytes_copied"] == copies * stats["slot_bytes"]
-    # 8 experts per layer: room for a next layer's whole or guessed experts from 12 slots
-    assert (stats["prefetch_used"] > 0) == (slots >= 12)
-    if predictor == "gate" and slots >= 6:  # guesses are made where a layer fits (0.91 right on CPU)
-        assert stats["prediction_precision"] > 0.5 and stats["expert_copy_s"] > 0
+    if predictor == "none":  # 8 experts per layer: room for a next layer's from 12 slots
+        assert (stats["prefetch_used"] > 0) == (slots >= 12)
+    elif slots >= 6:  # guesses are made where a layer fits (0.91 right on CPU), and used
+        assert stats["prefetch_used"] > 0 and stats["prediction_precision"] > 0.5 and stats["expert_copy_s"] > 0

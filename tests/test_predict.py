@@ -3,11 +3,14 @@ many as the measured copy window holds; the gate predictor predicts on the train
 
 import pytest
 import torch
-from checkpoints import make_checkpoint
+from checkpoints import FAMILY_CONFIGS, make_checkpoint
 
 from moetier import LLM, SamplingParams
+from moetier.models.registry import family_for
+from moetier.moe.router import Routing
 from moetier.offload import executor as executor_module
 from moetier.offload.copy_engine import CpuEvent, DelayedCopyEngine
+from moetier.offload.executor import OffloadedExecutor
 from moetier.offload.prefetch import PrefetchWindow
 
 PROMPTS = [[5, 17, 42, 99, 7, 250, 3], list(range(10, 51)), [300, 4]]
@@ -28,7 +31,7 @@ def test_predicted_prefetch_is_exact_and_used(slots, tmp_path, monkeypatch):
     make_checkpoint("qwen3_moe", tmp_path)
     ref_logits, ref_tokens = _outputs(LLM(str(tmp_path), dtype="float32", max_model_len=128))
     monkeypatch.setattr(executor_module, "PREDICTION_MIN_PRECISION", 0.0)
-    monkeypatch.setattr(PrefetchWindow, "depth", lambda self: 1000)
+    monkeypatch.setattr(PrefetchWindow, "depth", lambda self, precision: 1000)
     llm = LLM(str(tmp_path), dtype="float32", max_model_len=128, expert_slots=slots, predictor="gate")
     copies = DelayedCopyEngine(0.001)
     llm.engine.executor.copy_engine = copies
@@ -58,7 +61,7 @@ def test_gate_predictor_predicts_the_trained_model():
 
 
 class _Clock:
-    """Markers at given times; `late` makes the next copy-end marker still pending."""
+    """Markers at given times, in the order they are made; `late` leaves copy-stream markers pending."""
 
     def __init__(self, times):
         self.times = iter(times)
@@ -75,27 +78,68 @@ class _Clock:
         return end.time - start.time
 
 
+def _layer(window: PrefetchWindow, copies: int, first: bool = False) -> None:
+    window.measure()  # after the routing read
+    window.copies_start(first_layer=first)
+    window.copies_issued(copies)
+
+
 def test_prefetch_window_is_measured_window_over_copy_time():
-    clock = _Clock([0.0, 3.0, 10.0, 20.0, 22.0, 30.0, 40.0, 41.0, 42.0])
+    # markers: (compute now, copies start, copies end) per layer
+    clock = _Clock([0.0, 0.0, 3.0, 10.0, 10.0, 12.0, 20.0, 20.0, 25.0, 30.0, 30.0, 31.0, 100.0, 100.0, 101.0, 110.0, 110.0, 111.0])
     window = PrefetchWindow(clock)
-    assert window.depth() == 0  # nothing measured yet: no guess copied
-    # layer l: 3 copies from 0 to 3 (1 each), the next routing at 10: a window of 7 copies
-    start = window.copies_start()
-    window.copies_issued(start, 3)
-    window.routing_issued()
-    window.measure()
-    assert (window.copy_s, window.window_s, window.depth()) == (1.0, 7.0, 7)
-    # one copy of 2, the routing 8 after: running averages
-    start = window.copies_start()
-    window.copies_issued(start, 1)
-    window.routing_issued()
-    window.measure()
-    assert window.copy_s == pytest.approx(1.1) and window.window_s == pytest.approx(7.1)
-    # copies still running when the routing is known: a window of 0, no copy time learned
-    clock.late = True
-    start = window.copies_start()
-    window.copies_issued(start, 1)
-    window.routing_issued()
-    window.measure()
-    assert window.copy_s == pytest.approx(1.1) and window.window_s == pytest.approx(0.9 * 7.1)
-    assert window.depth() == int(0.9 * 7.1 / 1.1)
+    _layer(window, 3, first=True)  # 3 copies from 0 to 3: 1 each
+    assert window.depth(1.0) == 0  # nothing measured yet: no guess copied
+    _layer(window, 1)  # its copies start at 10 (the window of the layer before: 3 -> 10), end at 12
+    assert (window.copy_s, window.window_s) == (1.0, None)
+    clock.late = True  # this layer's copies have not ended when the next routing is read
+    _layer(window, 1)
+    assert window.copy_s == pytest.approx(1.1) and window.window_s == 7.0
+    # depth: the 6 copies of 1.1 that fit 7, and a seventh when its 0.4 of window beats 1.1 (1 - p)
+    assert (window.depth(0.5), window.depth(0.9)) == (6, 7)
+    clock.late = False
+    _layer(window, 1)  # the late copy time stays out; the window 12 -> 20 comes in
+    assert window.copy_s == pytest.approx(1.1) and window.window_s == pytest.approx(0.9 * 7 + 0.1 * 8)
+    _layer(window, 1, first=True)  # a new step: no window across the lm_head and sampling (31 -> 100)
+    _layer(window, 1)
+    assert window.window_s == pytest.approx(0.9 * 7 + 0.1 * 8) and window.copy_s == pytest.approx(0.9 * 1.09 + 0.1)
+
+
+class _Fixed:
+    """Guesses the same experts for every next layer, and counts its calls."""
+
+    def __init__(self, experts: list[int]):
+        self.experts = experts
+        self.calls = 0
+
+    def predict(self, layer, x_TD):
+        self.calls += 1
+        return torch.tensor([self.experts])
+
+
+def test_wrong_guesses_stop_prefetching_and_are_probed_again():
+    """Guesses that are never right: prefetching stops after a few, the predictor then runs one
+    layer step in PREDICTION_PROBE_EVERY; once its guesses come right, prefetching resumes."""
+    config = FAMILY_CONFIGS["qwen3_moe"]().to_dict() | {"architectures": ["Qwen3MoeForCausalLM"]}
+    spec = family_for(config).read_spec(config)  # 8 experts, top-2
+    executor = OffloadedExecutor(spec, torch.float32, "cpu", 8, "layer", DelayedCopyEngine())
+    executor.window.depth = lambda precision: 8
+    wrong = _Fixed([6, 7])
+    executor.predictor = wrong
+    x_TD = torch.zeros(1, spec.hidden_size)
+    routing = Routing(torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]]))
+    layer_steps = 40 * len(spec.moe_layer_ids)
+    for _ in range(40):
+        for layer in spec.moe_layer_ids:
+            executor.run(layer, x_TD, routing)
+    assert executor.precision < executor_module.PREDICTION_MIN_PRECISION
+    assert wrong.calls < layer_steps / executor_module.PREDICTION_PROBE_EVERY + 12
+    loads = executor.prefetch_loads
+    assert loads <= 2 * 12  # only the first guesses, while the running precision fell below the bar
+    right = _Fixed([0, 1])
+    executor.predictor = right
+    for _ in range(40):
+        for layer in spec.moe_layer_ids:
+            executor.run(layer, x_TD, routing)
+    assert executor.precision >= executor_module.PREDICTION_MIN_PRECISION
+    assert right.calls > layer_steps / 2  # predicting every layer step again

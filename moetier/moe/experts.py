@@ -7,6 +7,7 @@ Legend: S slots, N tokens routed to one expert, D hidden, F expert intermediate 
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple, Protocol
 
 import torch
@@ -21,14 +22,14 @@ def _aligned(nbytes: int) -> int:
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """Byte layout of one packed expert."""
+    """Byte layout of one packed expert (its derived sizes cached: they are read on every copy)."""
 
     hidden_size: int
     intermediate_size: int
     dtype: torch.dtype
     bias: bool
 
-    @property
+    @cached_property
     def part_shapes(self) -> dict[str, tuple[int, ...]]:
         d, f = self.hidden_size, self.intermediate_size
         shapes = {"gate_up": (2 * f, d), "down": (d, f)}
@@ -36,7 +37,7 @@ class ExpertLayout:
             shapes |= {"gate_up_bias": (2 * f,), "down_bias": (d,)}
         return shapes
 
-    @property
+    @cached_property
     def part_offsets(self) -> dict[str, int]:
         offsets, offset = {}, 0
         for name, shape in self.part_shapes.items():
@@ -44,7 +45,7 @@ class ExpertLayout:
             offset += _aligned(self.dtype.itemsize * torch.Size(shape).numel())
         return offsets
 
-    @property
+    @cached_property
     def slot_bytes(self) -> int:
         name, shape = list(self.part_shapes.items())[-1]
         return self.part_offsets[name] + _aligned(self.dtype.itemsize * torch.Size(shape).numel())

@@ -45,6 +45,9 @@ PREFETCH_NUMERATOR, PREFETCH_DENOMINATOR = 7, 8
 # while the running precision of the predictions is at least this: each wrong guess also evicts a
 # cached expert for nothing.
 PREDICTION_MIN_PRECISION = 0.5
+# Below it, one layer step in this many still predicts (and is scored), so a run whose routing
+# becomes predictable turns prefetching back on; the others skip the predictor's kernels.
+PREDICTION_PROBE_EVERY = 8
 PRECISION_MEMORY = 0.9  # the running precision's weight on its past (per scored layer step)
 
 
@@ -85,6 +88,7 @@ class OffloadedExecutor:
         self.guessed_experts = 0
         self.guessed_right = 0
         self.needed_when_guessed = 0
+        self._calls = 0
         self.window = PrefetchWindow(self.copy_engine)
         self._ids_host = torch.empty(0, dtype=torch.int64)  # pinned on CUDA: where the routing lands
 
@@ -93,20 +97,18 @@ class OffloadedExecutor:
         return self.store
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        guess_TK = self.predictor.predict(layer, x_TD) if self.predictor is not None else None
+        guess_TK = self.predictor.predict(layer, x_TD) if self._predicting() else None
         started = time.perf_counter()
         needed, guessed = self._read_routing(routing.topk_ids_TK, guess_TK)  # the one host sync of the layer
         self.routing_sync_s += time.perf_counter() - started
         if layer == self.moe_layers[0]:
             self.tokens += x_TD.shape[0]
-        position = self.moe_layers.index(layer)
-        if position > 0:  # the window of the layer before: from its copies' end to this routing
-            self.window.measure()
+        self.window.measure()
         self._score_guess(layer, needed)
         self.planner.access(layer, needed)
-        copies_start = self.window.copies_start()
+        self.window.copies_start(first_layer=layer == self.moe_layers[0])
         hits, loads = self._plan_and_copy(layer, needed)
-        self.window.copies_issued(copies_start, len(loads))
+        self.window.copies_issued(len(loads))
         ready = sorted(hits + loads)
         if len(ready) == len(needed) and not self._prefetch_after(layer, needed):
             self._prefetch_guess(layer, needed, guessed)
@@ -142,7 +144,6 @@ class OffloadedExecutor:
         stream sync (a device unique would sort and sync twice)."""
         # k-major: every token's first choice, then every second choice, ...
         parts = [topk_ids_TK.reshape(-1)] + ([] if guess_TK is None else [guess_TK.t().reshape(-1)])
-        self.window.routing_issued()
         if not topk_ids_TK.is_cuda:
             hosts = [part.numpy() for part in parts]
         else:
@@ -168,14 +169,17 @@ class OffloadedExecutor:
                        prefetch: bool = False) -> tuple[list[int], list[int]]:
         """Plans as many of `experts` as fit beside the hits (never evicting `keep`) and starts the
         copies of the misses: (hits, loads)."""
-        hits, loads = self.planner.plan_round(layer, experts, keep)
-        for e, slot, evicted in loads:
-            expert = ExpertId(layer, e)
-            filled = self.store.copy_in(expert, self.pool.slot_bytes_S[slot], self.copy_engine, self.pool.last_read[slot])
-            self.pool.assign(slot, expert, evicted, filled)
-            self.bytes_copied += self.layout.slot_bytes
-            self.prefetched.discard(evicted)
-        loaded = [e for e, _, _ in loads]
+        hits, planned = self.planner.start_round(layer, experts, keep)
+        loaded = []
+        with self.copy_engine.issuing():
+            for e, slot, evicted in planned:  # each copy starts before the next load is planned
+                expert = ExpertId(layer, e)
+                filled = self.store.copy_in(expert, self.pool.slot_bytes_S[slot], self.copy_engine,
+                                            self.pool.last_read[slot])
+                self.pool.assign(slot, expert, evicted, filled)
+                self.prefetched.discard(evicted)
+                loaded.append(e)
+        self.bytes_copied += len(loaded) * self.layout.slot_bytes
         if prefetch:
             self.prefetched.update(ExpertId(layer, e) for e in loaded)
             return hits, loaded
@@ -183,7 +187,7 @@ class OffloadedExecutor:
         early = [e for e in hits if ExpertId(layer, e) in self.prefetched]
         self.prefetched.difference_update(ExpertId(layer, e) for e in early)
         self.hits[layer] += len(hits) - len(early)
-        self.misses[layer] += len(loads) + len(early)
+        self.misses[layer] += len(loaded) + len(early)
         self.prefetch_used += len(early)
         return hits, loaded
 
@@ -215,11 +219,17 @@ class OffloadedExecutor:
         self.guess = (nxt, guessed)
         if not self.prefetch_next_layer or self.precision < PREDICTION_MIN_PRECISION:
             return
-        missing = [e for e in guessed if ExpertId(nxt, e) not in self.planner.slot_of][: self.window.depth()]
+        missing = [e for e in guessed if ExpertId(nxt, e) not in self.planner.slot_of][: self.window.depth(self.precision)]
         if missing:
             keep = frozenset(ExpertId(layer, e) for e in needed)
             _, loaded = self._plan_and_copy(nxt, missing, keep, prefetch=True)
             self.prefetch_loads += len(loaded)
+
+    def _predicting(self) -> bool:
+        if self.predictor is None:
+            return False
+        self._calls += 1
+        return self.precision >= PREDICTION_MIN_PRECISION or self._calls % PREDICTION_PROBE_EVERY == 0
 
     def _score_guess(self, layer: int, needed: list[int]) -> None:
         """Scores the guess made for this layer (if any) against what it needs."""

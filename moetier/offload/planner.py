@@ -9,6 +9,7 @@ the rest of the layer's experts go to the next round.
 
 import heapq
 from collections import defaultdict
+from collections.abc import Iterator
 
 from moetier.moe.experts import ExpertId
 from moetier.offload.cache import EvictionPolicy
@@ -33,9 +34,19 @@ class SlotPlanner:
         """Makes as many of `experts` resident as fit beside the hits and `keep`: (hits, loads), each
         load being (expert, slot, evicted expert or None). The bookkeeping is updated as if the loads
         were done."""
+        hits, loads = self.start_round(layer, experts, keep)
+        return hits, list(loads)
+
+    def start_round(self, layer: int, experts: list[int], keep: frozenset[ExpertId] = frozenset()
+                    ) -> tuple[list[int], Iterator[tuple[int, int, ExpertId | None]]]:
+        """plan_round with the loads planned one at a time as the caller takes them, so that it can
+        start each copy before planning the next; the caller takes them all."""
         hits = [e for e in experts if ExpertId(layer, e) in self.slot_of]
         protected = {ExpertId(layer, e) for e in hits} | keep
-        loads = []
+        return hits, self._loads(layer, experts, protected)
+
+    def _loads(self, layer: int, experts: list[int], protected: set[ExpertId]
+               ) -> Iterator[tuple[int, int, ExpertId | None]]:
         for e in experts:
             expert = ExpertId(layer, e)
             if expert in protected:
@@ -55,5 +66,4 @@ class SlotPlanner:
             self.resident[layer].add(expert)
             self.policy.loaded(expert)
             protected.add(expert)
-            loads.append((e, slot, evicted))
-        return hits, loads
+            yield e, slot, evicted

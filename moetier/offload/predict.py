@@ -6,9 +6,10 @@ A predictor only enqueues device work; the executor brings its guess to the host
 and sync as the current layer's routing, so a prediction costs no extra host sync. Predictions
 move experts between tiers ahead of time and never change a computed value.
 
-NextGatePredictor applies the next MoE layer's router to the current layer's input: the residual
-stream changes little from one layer to the next, so it mostly picks the same experts (the
-cross-layer gating of Pre-gated MoE and AdapMoE). Routing that is replaced after the router (a
+NextGatePredictor applies the next MoE layer's router weights to the current layer's input and
+takes the top-k logits: the residual stream changes little from one layer to the next, so it
+mostly picks the same experts (the cross-layer gating of Pre-gated MoE and AdapMoE). Two kernels;
+the router's own scoring (softmax, groups, bias correction) is left out: a guess needs no more. Routing that is replaced after the router (a
 replayed trace) makes its guesses wrong; the executor measures their precision and stops
 prefetching while it is low.
 Legend: T tokens, D hidden, K experts per token.
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from moetier.moe.layer import MoELayer
 from moetier.moe.router import Router
@@ -42,8 +44,9 @@ class NextGatePredictor:
         nxt = self.next_layer.get(layer)
         if nxt is None:
             return None
+        router = self.routers[nxt]
         with torch.no_grad():
-            return self.routers[nxt](x_TD).topk_ids_TK
+            return torch.topk(F.linear(x_TD, router.weight), router.spec.top_k, dim=-1).indices
 
 
 def make_predictor(name: str, model: torch.nn.Module) -> Predictor | None:

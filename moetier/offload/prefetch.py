@@ -1,12 +1,15 @@
 """PrefetchWindow: how many predicted experts to copy ahead of the next MoE layer.
 
-Between the end of a layer's own copies and the next layer's routing on the GPU (its experts'
-compute, the next attention and router) the copy engine would idle. Copies of guessed experts
-started behind this layer's own fill that window; beyond it they only delay the next layer's own
-copies, by a whole copy for each wrong guess, and save nothing more for each right one (the bytes
-would have been copied anyway). So the depth is the window over the time one expert copy takes,
-both measured with timing events on the copy engine (running averages), independent of whether
-prefetching is on: the window ends at the next layer's routing, not at a copy.
+Between the end of a layer's own copies and the first copy the next layer issues (its experts'
+compute, the next attention and router, the routing read and the host's planning) the copy engine
+would idle: that is the window. Copies of guessed experts started behind a layer's own run in it.
+With n guesses of precision p, one copy taking c and a window W, the next layer finishes
+W - max(W, n c) + n p c sooner: every guess that fits the window saves p c; past it each costs
+c (1 - p) (a wrong guess delays the next layer's own copies; a right one would have been copied
+anyway). So the depth is the guesses that fit, plus one more when the window's remainder exceeds
+c (1 - p). W and c are measured with timing events (running averages), whether or not
+prefetching is on: the window ends at the compute stream's clock when the next layer starts its
+copies, which prefetched copies do not move.
 """
 
 from moetier.offload.copy_engine import CopyEngine, Event
@@ -19,43 +22,51 @@ class PrefetchWindow:
         self.copy_engine = copy_engine
         self.copy_s: float | None = None  # one expert copy
         self.window_s: float | None = None
-        self._copies: tuple[Event, Event, int] | None = None  # the last layer's own copies: start, end, count
-        self._routing: Event | None = None
+        self._start: Event | None = None  # this layer's copies start (copy stream)
+        self._end: Event | None = None  # the last layer's copies end (copy stream)
+        self._pending: list[tuple[str, Event, Event, int]] = []  # measurements whose events may not have completed
 
-    def copies_start(self) -> Event:
-        return self.copy_engine.marker(on_copies=True)
+    def copies_start(self, first_layer: bool) -> None:
+        """Called after a layer's routing read, right before its own copies: closes the window of the
+        layer before (not across steps: the first MoE layer's window would hold the lm_head and
+        sampling)."""
+        now = self.copy_engine.marker(on_copies=False)  # compute is idle here: completes at once
+        if self._end is not None and not first_layer:
+            self._pending.append(("window", self._end, now, 0))
+        self._start = self.copy_engine.marker(on_copies=True)
 
-    def copies_issued(self, start: Event, count: int) -> None:
+    def copies_issued(self, count: int) -> None:
         """The layer's own copies (possibly none) are issued; its window opens when they end."""
-        self._copies = (start, self.copy_engine.marker(on_copies=True), count)
-
-    def routing_issued(self) -> None:
-        """Called when the next layer's routing is enqueued, before the host reads it."""
-        self._routing = self.copy_engine.marker(on_copies=False)
-
-    def measure(self) -> None:
-        """After the routing read (the host has synced with compute): folds in the last layer's copy
-        time per expert and its window. Call only when that layer is the one before this routing's."""
-        if self._copies is None or self._routing is None:
-            return
-        (start, end, count), routing = self._copies, self._routing
-        self._copies = self._routing = None
-        if not end.query():  # the copy engine was still busy at the routing: no window
-            self.window_s = _average(self.window_s, 0.0)
-            return
-        if count:
-            self.copy_s = _average(self.copy_s, self.copy_engine.elapsed(start, end) / count)
-        self.window_s = _average(self.window_s, max(0.0, self.copy_engine.elapsed(end, routing)))
+        self._end = self.copy_engine.marker(on_copies=True)
+        if count and self._start is not None:
+            self._pending.append(("copy", self._start, self._end, count))
 
     def discard(self) -> None:
-        """The layer ran in rounds (its copies waited for compute): its timings say nothing."""
-        self._copies = None
+        """The layer runs in rounds (its later copies wait for compute): its timings say nothing."""
+        self._start = self._end = None
+        self._pending = [m for m in self._pending if m[0] == "window"]
 
-    def depth(self) -> int:
-        """Guessed experts whose copies fit in the window (0 until both are measured)."""
+    def measure(self) -> None:
+        """Folds in the measurements whose events have completed (after a routing read, all but the
+        last layer's copies have)."""
+        waiting = []
+        for kind, start, end, count in self._pending:
+            if not (start.query() and end.query()):
+                waiting.append((kind, start, end, count))
+                continue
+            seconds = max(0.0, self.copy_engine.elapsed(start, end))
+            if kind == "copy":
+                self.copy_s = _average(self.copy_s, seconds / count)
+            else:
+                self.window_s = _average(self.window_s, seconds)
+        self._pending = waiting[-4:]  # a copy engine that never catches up does not grow this
+
+    def depth(self, precision: float) -> int:
+        """Guesses worth copying ahead at this precision (0 until both times are measured)."""
         if not self.copy_s or self.window_s is None:
             return 0
-        return int(self.window_s / self.copy_s)
+        fit = int(self.window_s / self.copy_s)
+        return fit + (self.window_s - fit * self.copy_s > self.copy_s * (1 - precision))
 
 
 def _average(average: float | None, value: float) -> float:

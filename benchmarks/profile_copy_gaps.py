@@ -103,7 +103,7 @@ def run_one(llm: LLM, batch: int, steps: int, profile_steps: int, h2d_gbps: floa
             trace = json.load(f)
     stats = engine.executor.stats()
     return {"tok_s": round(batch / step_s, 2), "step_ms": round(step_s * 1e3, 3), **figures,
-            "prediction_precision": stats["prediction_precision"], "prefetch_window_s": stats["prefetch_window_s"],
+            "prefetch_window_s": stats["prefetch_window_s"],
             "expert_copy_s": stats["expert_copy_s"], "profile": copy_gaps(trace, profile_steps)}
 
 

@@ -65,6 +65,7 @@ def offload_figures(before: dict, after: dict, steps: int, step_s: float, batch:
         "miss_bytes_per_step": int(missed_per_step),
         "prefetch_used": delta("prefetch_used"),
         "prefetch_loads": delta("prefetch_loads"),
+        "prediction_precision": round(delta("guessed_right") / delta("guessed_experts"), 3) if delta("guessed_experts") else None,
         "copy_stall_ms_per_step": round(delta("copy_wait_s") / steps * 1e3, 3),
         "routing_sync_ms_per_step": round(delta("routing_sync_s") / steps * 1e3, 3),
     }

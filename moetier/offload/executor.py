@@ -103,24 +103,30 @@ class OffloadedExecutor:
         self.routing_sync_s += time.perf_counter() - started
         if layer == self.moe_layers[0]:
             self.tokens += x_TD.shape[0]
-        self.window.measure()
-        self._score_guess(layer, needed)
         self.planner.access(layer, needed)
         self.window.copies_start(first_layer=layer == self.moe_layers[0])
         hits, loads = self._plan_and_copy(layer, needed)
         self.window.copies_issued(len(loads))
+        # Host work that the copies need not wait for comes after they started.
+        self.window.measure()
+        self._score_guess(layer, needed)
         ready = sorted(hits + loads)
-        if len(ready) == len(needed) and not self._prefetch_after(layer, needed):
-            self._prefetch_guess(layer, needed, guessed)
         overlap = bool(hits and loads) and x_TD.shape[0] > GEMV_MAX_TOKENS
         if len(ready) == len(needed) and not overlap:
             self._wait_for_copies(layer, ready)
             y_TD = self._compute_all(layer, x_TD, routing)
             self._mark_read(layer, ready)
-            return y_TD
-        # Rounds: the hits compute while the misses stream in (overlap); a pool smaller than the
-        # layer's needs loads the rest after each round's reads.
-        rounds = [sorted(hits), sorted(loads)] if overlap else [ready]
+        else:
+            y_TD = self._compute_in_rounds(layer, x_TD, routing, [sorted(hits), sorted(loads)] if overlap else [ready], needed)
+        # Behind the compute just launched, so that it does not wait for this planning.
+        if len(ready) == len(needed) and not self._prefetch_after(layer, needed):
+            self._prefetch_guess(layer, needed, guessed)
+        return y_TD
+
+    def _compute_in_rounds(self, layer: int, x_TD: torch.Tensor, routing: Routing, rounds: list[list[int]],
+                           needed: list[int]) -> torch.Tensor:
+        """Rounds: the hits compute while the misses stream in (overlap); a pool smaller than the
+        layer's needs loads the rest after each round's reads."""
         out_AD = torch.empty(routing.topk_ids_TK.numel(), x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device)
         remaining = needed
         while rounds:
@@ -306,6 +312,8 @@ class OffloadedExecutor:
             "prefetch_loads": self.prefetch_loads,  # copies started a layer ahead (whole layer or predicted)
             "prefetch_used": self.prefetch_used,  # of those, used by their layer (counted as its misses)
             "miss_bytes": misses * self.layout.slot_bytes,  # what the steps needed copied (prefetches used included)
+            "guessed_experts": self.guessed_experts,  # predicted for a layer, and of those used by it
+            "guessed_right": self.guessed_right,
             # Of the experts predicted for a layer, the share it used (precision), and of those it
             # used, the share predicted (recall).
             "prediction_precision": self.guessed_right / self.guessed_experts if self.guessed_experts else None,

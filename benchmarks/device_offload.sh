@@ -58,7 +58,7 @@ predict)
   for RUN in ${RUNS:-olmoe-1b-7b:4GiB}; do  # shape:budget ...
   SHAPE=${RUN%%:*}
   timeout "${LIMIT:-280}" python3 benchmarks/profile_copy_gaps.py benchmarks/configs/$SHAPE --gpu-memory "${RUN#*:}" \
-    --batches 1,8 --routings router,synthetic:uniform,replay:benchmarks/results/traces/donor-$SHAPE/heldout.npz \
+    --batches 1,8 --routings "${ROUTINGS:-router,synthetic:uniform,replay:benchmarks/results/traces/donor-$SHAPE/heldout.npz}" \
     > "$OUT/copy_gaps_$SHAPE.jsonl" 2> "/tmp/gaps.err"; grep -v DEBUG /tmp/gaps.err | tail -3
   python3 - "$OUT/copy_gaps_$SHAPE.jsonl" <<'PY'
 import json, sys

@@ -106,6 +106,7 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
     slots a kernel just read; larger ones run the prefill overlap (hits compute while misses stream)
     and the next-layer prefetch: whole layers after spread routing, or (gate) every guess of the
     predictor, its precision and the measured window ignored."""
+    monkeypatch.setattr(executor_module, "OVERLAP_MIN_TOKENS", 5)  # the overlap path long prefills take
     if predictor == "gate":
         monkeypatch.setattr(executor_module, "PREDICTION_MIN_PRECISION", 0.0)
         monkeypatch.setattr(PrefetchWindow, "depth", lambda self, precision: 1000)

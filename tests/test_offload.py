@@ -20,6 +20,7 @@ from moetier.moe.experts import ExpertBank, ExpertId, ExpertLayout
 from moetier.offload.arena import HostArena
 from moetier.offload.cache import LFU, LRU, StaticPinning, first_experts, make_policy
 from moetier.offload.copy_engine import DelayedCopyEngine
+from moetier.offload import executor as executor_module
 from moetier.offload.executor import OffloadedExecutor
 from moetier.offload.planner import SlotPlanner
 from moetier.offload.store import ExpertStore
@@ -29,6 +30,13 @@ COPY_DELAY_S = 0.0005
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def overlap_from_few_tokens(monkeypatch):
+    """The test prompts are short: they take the overlap path (hits compute while misses stream)
+    that long prefills take."""
+    monkeypatch.setattr(executor_module, "OVERLAP_MIN_TOKENS", 5)
 
 
 def _checkpoint(name: str, path):

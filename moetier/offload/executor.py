@@ -41,6 +41,11 @@ from moetier.offload.store import ExpertStore
 
 # The next layer is prefetched whole when this one needed at least 7/8 of its experts.
 PREFETCH_NUMERATOR, PREFETCH_DENOMINATOR = 7, 8
+# The hits compute while the misses stream in only from this many tokens (prefill chunks): a
+# round's row selection reads a data-dependent size, a host sync that idles the copy engine until
+# the host has launched the next layer (measured: batch-8 decode of OLMoE-1B-7B lost ~3 ms per
+# layer), and below this the hits' compute is short next to the misses' copies anyway.
+OVERLAP_MIN_TOKENS = 128
 # Predicted experts are copied ahead (as many as fit the copy engine's idle window, prefetch.py)
 # while the running precision of the predictions is at least this: each wrong guess also evicts a
 # cached expert for nothing.
@@ -111,17 +116,20 @@ class OffloadedExecutor:
         self.window.measure()
         self._score_guess(layer, needed)
         ready = sorted(hits + loads)
-        overlap = bool(hits and loads) and x_TD.shape[0] > GEMV_MAX_TOKENS
+        overlap = bool(hits and loads) and x_TD.shape[0] >= OVERLAP_MIN_TOKENS
         if len(ready) == len(needed) and not overlap:
             self._wait_for_copies(layer, ready)
             y_TD = self._compute_all(layer, x_TD, routing)
             self._mark_read(layer, ready)
-        else:
-            y_TD = self._compute_in_rounds(layer, x_TD, routing, [sorted(hits), sorted(loads)] if overlap else [ready], needed)
-        # Behind the compute just launched, so that it does not wait for this planning.
-        if len(ready) == len(needed) and not self._prefetch_after(layer, needed):
+            self._prefetch_next(layer, needed, guessed)  # behind the compute, which need not wait for it
+            return y_TD
+        if len(ready) == len(needed):
+            self._prefetch_next(layer, needed, guessed)  # before the rounds, whose row selection syncs
+        return self._compute_in_rounds(layer, x_TD, routing, [sorted(hits), sorted(loads)] if overlap else [ready], needed)
+
+    def _prefetch_next(self, layer: int, needed: list[int], guessed: list[int]) -> None:
+        if not self._prefetch_after(layer, needed):
             self._prefetch_guess(layer, needed, guessed)
-        return y_TD
 
     def _compute_in_rounds(self, layer: int, x_TD: torch.Tensor, routing: Routing, rounds: list[list[int]],
                            needed: list[int]) -> torch.Tensor:

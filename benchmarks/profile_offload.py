@@ -10,6 +10,7 @@ long self time) and a torch profile of a few steps (CPU and CUDA time by op).
 import argparse
 import cProfile
 import pstats
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -31,9 +32,10 @@ def main() -> None:
     parser.add_argument("--gpu-memory", required=True)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--predictor", default="gate")
     args = parser.parse_args()
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=641, max_num_seqs=8,
-              max_num_batched_tokens=2048, gpu_memory=args.gpu_memory)
+              max_num_batched_tokens=2048, gpu_memory=args.gpu_memory, predictor=args.predictor)
     print(llm.engine.resolved.memory_plan)
     memory("loaded")
     engine = llm.engine
@@ -45,13 +47,17 @@ def main() -> None:
     torch.cuda.synchronize()
     memory("after prefill")
     profiler = cProfile.Profile()
+    start = time.perf_counter()
     profiler.enable()
     for _ in range(args.steps):
         engine.step()
     torch.cuda.synchronize()
     profiler.disable()
+    elapsed = time.perf_counter() - start
     memory("after decode")
+    print(f"decode step {elapsed / args.steps * 1e3:.2f} ms (under cProfile)")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             engine.step()

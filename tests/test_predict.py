@@ -136,10 +136,15 @@ def test_wrong_guesses_stop_prefetching_and_are_probed_again():
     assert wrong.calls < layer_steps / executor_module.PREDICTION_PROBE_EVERY + 12
     loads = executor.prefetch_loads
     assert loads <= 2 * 12  # only the first guesses, while the running precision fell below the bar
+    # Right guesses of experts that are not resident (those decide): each step routes every layer
+    # to the next of four pairs, and the guess for the next layer is that pair.
     right = _Fixed([0, 1])
     executor.predictor = right
-    for _ in range(40):
+    for step in range(40):
+        pair = [2 * (step % 4), 2 * (step % 4) + 1]
+        right.experts = pair
         for layer in spec.moe_layer_ids:
-            executor.run(layer, x_TD, routing)
+            executor.run(layer, x_TD, Routing(torch.tensor([pair]), torch.tensor([[0.5, 0.5]])))
     assert executor.precision >= executor_module.PREDICTION_MIN_PRECISION
     assert right.calls > layer_steps / 2  # predicting every layer step again
+    assert executor.prefetch_used > loads  # and its copies are used

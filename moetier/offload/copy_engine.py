@@ -62,32 +62,40 @@ class CopyEngine(Protocol):
     def elapsed(self, start: Event, end: Event) -> float: ...
 
 
+_NOTHING_WAITED = object()  # a batch has started copying but waited for no reader yet
+
+
 class CudaCopyEngine:
     def __init__(self, device: torch.device):
-        self.device = device
+        # An int: torch.cuda.current_stream(torch.device) resolves the device through a slow path
+        # (~15 us a call, several calls per MoE layer).
+        self.device_index = device.index if device.index is not None else torch.cuda.current_device()
         self.stream = torch.cuda.Stream(device)
         self._stalls: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
-        self._issuing = False
+        self._batch: contextlib.ExitStack | None = None  # while issuing: holds the copy stream once made current
         self._waited: Event | None = None  # the reader event the stream last waited for, while issuing
 
     @contextlib.contextmanager
     def issuing(self) -> Iterator[None]:
-        """The copy stream current for a batch of copies: switching streams per copy cost more host
-        time than the copy's launch (profile_olmoe_b8.txt)."""
-        if self._issuing:
+        """A batch of copies: the copy stream is made current at its first copy and stays so until
+        the batch ends (switching streams per copy cost more host time than the copy's launch)."""
+        if self._batch is not None:
             yield
             return
-        self._issuing, self._waited = True, None
+        self._batch, self._waited = contextlib.ExitStack(), None
         try:
-            with torch.cuda.stream(self.stream):
-                yield
+            yield
         finally:
-            self._issuing = False
+            batch, self._batch = self._batch, None
+            batch.close()
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event:
-        if not self._issuing:
+        if self._batch is None:
             with self.issuing():
                 return self.copy(dst, src, after)
+        if self._waited is None:  # the batch's first copy
+            self._batch.enter_context(torch.cuda.stream(self.stream))
+            self._waited = _NOTHING_WAITED
         if after is not None and after is not self._waited:  # slots read by one round share their reader
             self.stream.wait_event(after)
             self._waited = after
@@ -101,7 +109,7 @@ class CudaCopyEngine:
         how long it stood still (it has nothing else queued between them)."""
         if not events:
             return
-        stream = torch.cuda.current_stream(self.device)
+        stream = torch.cuda.current_stream(self.device_index)
         before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         before.record(stream)
         for event in events:
@@ -121,12 +129,12 @@ class CudaCopyEngine:
 
     def mark_read(self, buffers: list[torch.Tensor]) -> Event:
         event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
+        event.record(torch.cuda.current_stream(self.device_index))
         return event
 
     def marker(self, on_copies: bool) -> Event:
         event = torch.cuda.Event(enable_timing=True)
-        event.record(self.stream if on_copies else torch.cuda.current_stream(self.device))
+        event.record(self.stream if on_copies else torch.cuda.current_stream(self.device_index))
         return event
 
     def elapsed(self, start: Event, end: Event) -> float:

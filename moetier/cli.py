@@ -216,12 +216,22 @@ def stats_table(stats: dict, tokens: int) -> str:
          f"ms/token), routing read on the host {stats['routing_sync_s'] * 1e3 / per_token:.3f} ms/token"),
         (f"experts copied a layer ahead {stats['prefetch_loads']}, used {stats['prefetch_used']}; "
          f"slot occupancy {stats['slot_occupancy']:.2f}"),
+        _prediction_line(stats),
         "layer  hits  misses  hit rate",
     ]
     for layer, counts in stats["layers"].items():
         total = counts["hits"] + counts["misses"]
         lines.append(f"{layer:>5}  {counts['hits']:>4}  {counts['misses']:>6}  {counts['hits'] / total if total else 0:.3f}")
     return "\n".join(lines)
+
+
+def _prediction_line(stats: dict) -> str:
+    if stats["prediction_precision"] is None:
+        return "next-layer prediction: off or no guess scored"
+    window = stats["prefetch_window_s"]
+    return (f"next-layer prediction: precision {stats['prediction_precision']:.3f}, recall "
+            f"{stats['prediction_recall']:.3f}; copy window {window * 1e3 if window else 0:.3f} ms, one expert copy "
+            f"{(stats['expert_copy_s'] or 0) * 1e3:.3f} ms")
 
 
 def _chat(args) -> None:

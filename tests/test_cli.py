@@ -31,6 +31,7 @@ def test_generate_stats_table_for_offloaded_experts(capsys):
     assert main(["generate", "def f(x):", "--max-tokens", "6", "--expert-slots", "10", "--stats"]) == 0
     err = capsys.readouterr().err
     assert "experts: offloaded, 10 device slots" in err and "hit rate" in err
+    assert "next-layer prediction: precision" in err  # the gate predictor guesses by default
     layer_rows = [line.split() for line in err.splitlines() if line.strip() and line.split()[0].isdigit()]
     assert [int(row[0]) for row in layer_rows] == list(range(8))  # the default model's 8 MoE layers
     assert all(int(row[1]) + int(row[2]) > 0 for row in layer_rows)

@@ -112,16 +112,11 @@ class OffloadedExecutor:
         if layer == self.moe_layers[0]:
             self.tokens += x_TD.shape[0]
         self.planner.access(layer, needed)
-        timed = self._prefetching()  # the window is measured only while guesses may be copied
-        if timed:
-            self.window.copies_start(first_layer=layer == self.moe_layers[0])
+        self.window.copies_start(first_layer=layer == self.moe_layers[0])
         hits, loads = self._plan_and_copy(layer, needed)
+        self.window.copies_issued(len(loads))
         # Host work that the copies need not wait for comes after they started.
-        if timed:
-            self.window.copies_issued(len(loads))
-            self.window.measure()
-        else:
-            self.window.discard()
+        self.window.measure()
         self._score_guess(layer, needed)
         ready = sorted(hits + loads)
         overlap = bool(hits and loads) and x_TD.shape[0] >= OVERLAP_MIN_TOKENS
@@ -240,16 +235,13 @@ class OffloadedExecutor:
         nxt = self.moe_layers[position + 1]
         missing = [e for e in guessed if ExpertId(nxt, e) not in self.planner.slot_of]
         self.guess = (nxt, guessed, missing)
-        if not self._prefetching():
+        if not self.prefetch_next_layer or self.precision < PREDICTION_MIN_PRECISION:
             return
         missing = missing[: self.window.depth(self.precision)]
         if missing:
             keep = frozenset(ExpertId(layer, e) for e in needed)
             _, loaded = self._plan_and_copy(nxt, missing, keep, prefetch=True)
             self.prefetch_loads += len(loaded)
-
-    def _prefetching(self) -> bool:
-        return self.predictor is not None and self.prefetch_next_layer and self.precision >= PREDICTION_MIN_PRECISION
 
     def _predicting(self) -> bool:
         if self.predictor is None:

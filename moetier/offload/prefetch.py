@@ -42,8 +42,7 @@ class PrefetchWindow:
             self._pending.append(("copy", self._start, self._end, count))
 
     def discard(self) -> None:
-        """No window opens from this layer: it runs in rounds (its later copies wait for compute), or
-        its copies are not timed (prefetching is off)."""
+        """The layer runs in rounds (its later copies wait for compute): its timings say nothing."""
         self._start = self._end = None
         self._pending = [m for m in self._pending if m[0] == "window"]
 

@@ -4,6 +4,9 @@
 """
 
 import argparse
+import cProfile
+import pstats
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -21,7 +24,7 @@ def main() -> None:
     engine = llm.engine
     prompts = torch.randint(0, engine.source.spec.vocab_size, (args.batch, 512)).tolist()
     for prompt in prompts:
-        engine.add_request(prompt, SamplingParams(max_tokens=64, ignore_eos=True))
+        engine.add_request(prompt, SamplingParams(max_tokens=3 * args.steps + 16, ignore_eos=True))
     for _ in range(8):  # prefill and a few decode steps
         engine.step()
     torch.cuda.synchronize()
@@ -30,6 +33,18 @@ def main() -> None:
             engine.step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    torch.cuda.synchronize()
+    print(f"decode step {(time.perf_counter() - start) / args.steps * 1e3:.3f} ms (wall)")
+    profiler = cProfile.Profile()  # the host's share: what runs between graph replays
+    profiler.enable()
+    for _ in range(args.steps):
+        engine.step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,84 @@ def test_expert_kernels_match_looped_on_cuda(kernel, token_counts):
         torch.testing.assert_close(fast.float(), looped.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("scoring,norm_topk,num_experts,top_k", [
+    ("softmax", True, 128, 8), ("softmax", False, 64, 8), ("topk_softmax", False, 32, 4), ("softmax", True, 60, 6)])
+def test_fused_router_matches_torch(scoring, norm_topk, num_experts, top_k):
+    """The one-kernel softmax/top-k against torch's ops (router._route unfused), on fp32 logits
+    (no ties) and on bf16 logits, where ties are common: the kernel takes the lowest id among equal
+    scores, so its choice equals torch's up to the order of tied scores."""
+    from moetier.kernels.router_topk import softmax_topk
+    from moetier.models.spec import RouterSpec
+    from moetier.moe.router import _route
+
+    torch.manual_seed(0)
+    spec = RouterSpec(num_experts, top_k, scoring=scoring, norm_topk=norm_topk, routed_scaling=2.5)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits_TE = (torch.randn(300, num_experts, device="cuda") * 2).to(dtype)
+        ids_TK, weights_TK = softmax_topk(logits_TE, top_k, scoring == "softmax", norm_topk, spec.routed_scaling)
+        ref_ids_TK, ref_weights_TK = _route.__wrapped__(logits_TE, None, spec)
+        torch.testing.assert_close(weights_TK, ref_weights_TK, rtol=1e-5, atol=1e-6)
+        if dtype == torch.float32:
+            assert torch.equal(ids_TK, ref_ids_TK)
+        else:  # same set of experts per token, ties at the k-th score aside (the lowest ids win there)
+            chosen = ids_TK.sort(dim=1).values
+            scores_TE = logits_TE.float()
+            kth_TK = scores_TE.gather(1, ids_TK)[:, -1:]
+            assert torch.equal(scores_TE.gather(1, ids_TK), scores_TE.gather(1, ref_ids_TK))
+            untied = (scores_TE == kth_TK).sum(dim=1) == 1
+            assert torch.equal(chosen[untied], ref_ids_TK.sort(dim=1).values[untied])
+            assert untied.float().mean() > 0.5
+
+
+@pytest.mark.parametrize("qk_norm,clip,interleaved,rotary_dim,heads,kv_heads,head_dim", [
+    ("head", None, False, 128, 32, 4, 128), ("full", 3.0, False, 64, 16, 16, 64), ("none", None, True, 32, 6, 2, 48)])
+def test_decode_qkv_kernel_matches_eager_ops(qk_norm, clip, interleaved, rotary_dim, heads, kv_heads, head_dim):
+    """The one-kernel norm/clip/rotary/cache write of decode against the eager torch ops it replaces:
+    fp32 to rounding, bf16 bit for bit on nearly every element (the kernel rounds as each eager op does)."""
+    from moetier.kernels.decode_qkv import decode_qkv
+    from moetier.models.norm import rms_norm
+    from moetier.models.rope import Rotary, _cos_sin, _rotate
+    from moetier.models.spec import AttentionSpec, RopeSpec
+
+    torch.manual_seed(0)
+    spec = AttentionSpec("gqa", heads, kv_heads, head_dim, RopeSpec(rotary_dim, 1e6, interleaved=interleaved),
+                         head_dim**-0.5, qk_norm=qk_norm, clip_qkv=clip)
+    rotary, eps = Rotary(spec.rope), 1e-6
+    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    for dtype in (torch.float32, torch.bfloat16):
+        qkv_TC = (torch.randn(5, sum(sizes), device="cuda") * 2).to(dtype)
+        positions_T = torch.tensor([0, 1, 17, 3001, 40000], device="cuda")
+        slots_T = torch.tensor([5, 9, 30, 31, 63], device="cuda")
+        width = head_dim if qk_norm == "head" else None
+        q_w, k_w = ((torch.rand(width or size, device="cuda") + 0.5).to(dtype) for size in sizes[:2])
+        caches = [torch.zeros(4, 16, kv_heads, head_dim, device="cuda", dtype=dtype) for _ in range(4)]
+
+        q, k, v = qkv_TC.split(sizes, dim=-1)  # the eager reference, as attention.py runs it
+        norm = rms_norm.__wrapped__
+        if qk_norm == "full":
+            q, k = norm(q, q_w, eps), norm(k, k_w, eps)
+        if clip is not None:
+            q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
+        q, k, v = q.unflatten(-1, (heads, head_dim)), k.unflatten(-1, (kv_heads, head_dim)), v.unflatten(-1, (kv_heads, head_dim))
+        if qk_norm == "head":
+            q, k = norm(q, q_w, eps), norm(k, k_w, eps)
+        cos, sin = _cos_sin(positions_T, rotary.inv_freq_on(torch.device("cuda")), 1.0, interleaved, dtype)
+        q, k = (_rotate(t, cos, sin, rotary_dim, interleaved) for t in (q, k))
+        caches[0].view(-1, kv_heads, head_dim)[slots_T] = k
+        caches[1].view(-1, kv_heads, head_dim)[slots_T] = v
+
+        norms = (q_w, k_w) if qk_norm != "none" else (None, None)
+        fused_q = decode_qkv(qkv_TC, positions_T, slots_T, caches[2], caches[3], spec,
+                             rotary.inv_freq_on(torch.device("cuda")), 1.0, *norms, eps)
+        assert torch.equal(caches[3], caches[1])  # v: clipped at most, bit for bit
+        for ours, ref in ((fused_q, q), (caches[2], caches[0])):
+            if dtype == torch.float32:
+                torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+            else:
+                torch.testing.assert_close(ours.float(), ref.float(), rtol=1.6e-2, atol=1.6e-2)
+                assert (ours == ref).float().mean() > 0.99
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graph_decode_equals_eager(dtype, tmp_path):
     make_checkpoint("qwen3_moe", tmp_path)

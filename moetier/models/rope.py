@@ -78,13 +78,13 @@ class Rotary(torch.nn.Module):
         self.inv_freq_cpu = inv_freq
         self._inv_freq = {}
 
-    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._inv_freq:
             self._inv_freq[device] = self.inv_freq_cpu.to(device)
         return self._inv_freq[device]
 
     def cos_sin(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq_R = self._inv_freq_on(positions_T.device)
+        inv_freq_R = self.inv_freq_on(positions_T.device)
         return _cos_sin(positions_T, inv_freq_R, self.attention_scaling, self.spec.interleaved, dtype)
 
     def apply(self, x_THD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ class Rotary(torch.nn.Module):
 
     def rotate_qk(self, q_THD: torch.Tensor, k_TKD: torch.Tensor, positions_T: torch.Tensor):
         """Both q and k rotated at their positions, fused into one kernel on the GPU."""
-        inv_freq_R = self._inv_freq_on(positions_T.device)
+        inv_freq_R = self.inv_freq_on(positions_T.device)
         return _rope_qk(
             q_THD, k_TKD, positions_T, inv_freq_R, self.attention_scaling, self.spec.rotary_dim, self.spec.interleaved
         )

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moetier.kernels import router_topk
 from moetier.kernels.fuse import fused
+from moetier.models.linear import linear
 from moetier.models.spec import RouterSpec
 
 
@@ -73,6 +75,10 @@ class Router(torch.nn.Module):
         if self.spec.fp32_logits:
             logits_TE = F.linear(x_TD.float(), self.weight.float(), None if bias is None else bias.float())
         else:
-            logits_TE = F.linear(x_TD, self.weight, bias)
-        correction = self.e_score_correction_bias if self.spec.correction_bias else None
-        return Routing(*_route(logits_TE, correction, self.spec))
+            logits_TE = linear(x_TD, self.weight, bias)
+        spec = self.spec
+        if router_topk.supported(logits_TE, spec.scoring, spec.num_groups, spec.correction_bias):
+            return Routing(*router_topk.softmax_topk(logits_TE, spec.top_k, spec.scoring == "softmax",
+                                                     spec.norm_topk, spec.routed_scaling))
+        correction = self.e_score_correction_bias if spec.correction_bias else None
+        return Routing(*_route(logits_TE, correction, spec))

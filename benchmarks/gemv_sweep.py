@@ -1,0 +1,119 @@
+"""Tile sweep of the decode expert GEMV (kernels/expert_gemv.py) and cuBLAS GEMVs at decode shapes:
+achieved HBM bandwidth per kernel inside a CUDA graph (no launch gaps, as in decode replays), each
+call reading other experts than the last so that the 50 MB L2 holds none of them. Prints JSON lines.
+
+    python benchmarks/gemv_sweep.py            # every shape, the whole grid
+    python benchmarks/gemv_sweep.py --dense    # the dense decode GEMVs alone: cuBLAS and dense_gemv
+"""
+
+import itertools
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from moetier.kernels.expert_gemv import _expert_gemv_kernel, dense_gemv
+
+# name: (experts, N, K, swiglu input, top_k)
+EXPERT_SHAPES = {
+    "qwen3_gate_up": (128, 1536, 2048, False, 8),
+    "qwen3_down": (128, 2048, 768, True, 8),
+    "olmoe_gate_up": (64, 2048, 2048, False, 8),
+    "olmoe_down": (64, 2048, 1024, True, 8),
+}
+# name: (N, K) of dense decode GEMVs
+DENSE_SHAPES = {
+    "qwen3_qkv": (5120, 2048), "qwen3_o": (2048, 4096), "qwen3_router": (128, 2048),
+    "olmoe_qkv": (6144, 2048), "olmoe_o": (2048, 2048), "olmoe_router": (64, 2048),
+}
+CALLS_PER_GRAPH = 24
+REPLAYS = 20
+
+
+def graph_time_s(calls) -> float:
+    """Seconds per call: the calls captured in one graph, replayed."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm up (and compile) outside the capture
+            call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (REPLAYS * len(calls))
+
+
+def tile_grid():
+    for block_n, block_k, warps, stages in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024), (2, 4, 8), (1, 3)):
+        per_thread = block_n * block_k / (32 * warps)
+        if 8 <= per_thread <= 64:
+            yield block_n, block_k, warps, stages
+
+
+def expert_calls(shape, tokens, block_n, block_k, warps, stages):
+    experts, n, k, swiglu, top_k = shape
+    w = torch.randn(experts, n, k, dtype=torch.bfloat16, device="cuda")
+    assignments = tokens * top_k
+    x = torch.randn(assignments if swiglu else tokens, 2 * k if swiglu else k, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(assignments, n, dtype=torch.bfloat16, device="cuda")
+    calls = []
+    for i in range(CALLS_PER_GRAPH):
+        slots = (torch.arange(assignments, device="cuda") + i * assignments) % experts
+        slots = slots.to(torch.int32)
+
+        def call(slots=slots):
+            _expert_gemv_kernel[(assignments, triton.cdiv(n, block_n))](
+                x, w, slots, out, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
+                n, k, 1 if swiglu else top_k,
+                SWIGLU=swiglu, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        calls.append(call)
+    distinct = min(assignments, experts)
+    return calls, distinct * n * k * 2
+
+
+def dense_calls(n, k, tokens, fn):
+    copies = max(1, (200 << 20) // (n * k * 2))  # rotate through enough copies to miss L2
+    ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+    x = torch.randn(tokens, k, dtype=torch.bfloat16, device="cuda")
+    return [lambda w=ws[i % copies]: fn(x, w) for i in range(CALLS_PER_GRAPH)], n * k * 2
+
+
+def main() -> None:
+    dense_only = "--dense" in sys.argv
+    for tokens in (1, 8):
+        for name, (n, k) in DENSE_SHAPES.items():
+            for kernel, fn in (("cublas", F.linear), ("dense_gemv", dense_gemv)):
+                if kernel == "dense_gemv" and tokens > 1:
+                    continue
+                calls, nbytes = dense_calls(n, k, tokens, fn)
+                t = graph_time_s(calls)
+                print(json.dumps({"kernel": kernel, "shape": name, "tokens": tokens, "us": round(t * 1e6, 2),
+                                  "gbps": round(nbytes / t / 1e9, 1)}), flush=True)
+        for name, shape in EXPERT_SHAPES.items():
+            if dense_only:
+                continue
+            results = []
+            for tile in tile_grid():
+                calls, nbytes = expert_calls(shape, tokens, *tile)
+                t = graph_time_s(calls)
+                results.append((t, tile, nbytes))
+            results.sort()
+            for t, tile, nbytes in results[:5] + [r for r in results if r[1] == (16, 256, 4, 3)]:
+                print(json.dumps({"kernel": "expert_gemv", "shape": name, "tokens": tokens, "tile": tile,
+                                  "us": round(t * 1e6, 2), "gbps": round(nbytes / t / 1e9, 1)}), flush=True)
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -112,53 +112,63 @@ def test_fused_router_matches_torch(scoring, norm_topk, num_experts, top_k):
             assert untied.float().mean() > 0.5
 
 
+def _eager_decode_qkv(qkv_TC, positions_T, q_w, k_w, spec, rotary, eps):
+    """attention.py's unfused ops: (q [T, H, D], k, v [T, K, D])."""
+    from moetier.models.norm import rms_norm
+    from moetier.models.rope import _cos_sin, _rotate
+
+    heads, kv_heads, head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    q, k, v = qkv_TC.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    norm = rms_norm.__wrapped__
+    if spec.qk_norm == "full":
+        q, k = norm(q, q_w, eps), norm(k, k_w, eps)
+    if spec.clip_qkv is not None:
+        q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
+    q, k, v = q.unflatten(-1, (heads, head_dim)), k.unflatten(-1, (kv_heads, head_dim)), v.unflatten(-1, (kv_heads, head_dim))
+    if spec.qk_norm == "head":
+        q, k = norm(q, q_w, eps), norm(k, k_w, eps)
+    cos, sin = _cos_sin(positions_T, rotary.inv_freq_on(qkv_TC.device), 1.0, spec.rope.interleaved, qkv_TC.dtype)
+    q, k = (_rotate(t, cos, sin, spec.rope.rotary_dim, spec.rope.interleaved) for t in (q, k))
+    return q, k, v
+
+
 @pytest.mark.parametrize("qk_norm,clip,interleaved,rotary_dim,heads,kv_heads,head_dim", [
     ("head", None, False, 128, 32, 4, 128), ("full", 3.0, False, 64, 16, 16, 64), ("none", None, True, 32, 6, 2, 48)])
 def test_decode_qkv_kernel_matches_eager_ops(qk_norm, clip, interleaved, rotary_dim, heads, kv_heads, head_dim):
     """The one-kernel norm/clip/rotary/cache write of decode against the eager torch ops it replaces:
-    fp32 to rounding, bf16 bit for bit on nearly every element (the kernel rounds as each eager op does)."""
+    fp32 to rounding; bf16 no less accurate than the eager bf16 ops, both against the same ops in
+    fp32 (the kernel rounds where each eager op does, but its cos/sin may differ from torch's by an
+    ulp at large angles, which flips some bf16 roundings)."""
     from moetier.kernels.decode_qkv import decode_qkv
-    from moetier.models.norm import rms_norm
-    from moetier.models.rope import Rotary, _cos_sin, _rotate
+    from moetier.models.rope import Rotary
     from moetier.models.spec import AttentionSpec, RopeSpec
 
     torch.manual_seed(0)
     spec = AttentionSpec("gqa", heads, kv_heads, head_dim, RopeSpec(rotary_dim, 1e6, interleaved=interleaved),
                          head_dim**-0.5, qk_norm=qk_norm, clip_qkv=clip)
     rotary, eps = Rotary(spec.rope), 1e-6
-    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    norm_sizes = (head_dim, head_dim) if qk_norm == "head" else (heads * head_dim, kv_heads * head_dim)
+    qkv32_TC = torch.randn(5, (heads + 2 * kv_heads) * head_dim, device="cuda") * 2
+    q_w32, k_w32 = (torch.rand(size, device="cuda") + 0.5 for size in norm_sizes)
+    positions_T = torch.tensor([0, 1, 17, 3001, 40000], device="cuda")
+    slots_T = torch.tensor([5, 9, 30, 31, 63], device="cuda")
     for dtype in (torch.float32, torch.bfloat16):
-        qkv_TC = (torch.randn(5, sum(sizes), device="cuda") * 2).to(dtype)
-        positions_T = torch.tensor([0, 1, 17, 3001, 40000], device="cuda")
-        slots_T = torch.tensor([5, 9, 30, 31, 63], device="cuda")
-        width = head_dim if qk_norm == "head" else None
-        q_w, k_w = ((torch.rand(width or size, device="cuda") + 0.5).to(dtype) for size in sizes[:2])
-        caches = [torch.zeros(4, 16, kv_heads, head_dim, device="cuda", dtype=dtype) for _ in range(4)]
-
-        q, k, v = qkv_TC.split(sizes, dim=-1)  # the eager reference, as attention.py runs it
-        norm = rms_norm.__wrapped__
-        if qk_norm == "full":
-            q, k = norm(q, q_w, eps), norm(k, k_w, eps)
-        if clip is not None:
-            q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
-        q, k, v = q.unflatten(-1, (heads, head_dim)), k.unflatten(-1, (kv_heads, head_dim)), v.unflatten(-1, (kv_heads, head_dim))
-        if qk_norm == "head":
-            q, k = norm(q, q_w, eps), norm(k, k_w, eps)
-        cos, sin = _cos_sin(positions_T, rotary.inv_freq_on(torch.device("cuda")), 1.0, interleaved, dtype)
-        q, k = (_rotate(t, cos, sin, rotary_dim, interleaved) for t in (q, k))
-        caches[0].view(-1, kv_heads, head_dim)[slots_T] = k
-        caches[1].view(-1, kv_heads, head_dim)[slots_T] = v
-
+        qkv_TC, q_w, k_w = (t.to(dtype) for t in (qkv32_TC, q_w32, k_w32))
+        k_cache, v_cache = (torch.zeros(4, 16, kv_heads, head_dim, device="cuda", dtype=dtype) for _ in range(2))
         norms = (q_w, k_w) if qk_norm != "none" else (None, None)
-        fused_q = decode_qkv(qkv_TC, positions_T, slots_T, caches[2], caches[3], spec,
-                             rotary.inv_freq_on(torch.device("cuda")), 1.0, *norms, eps)
-        assert torch.equal(caches[3], caches[1])  # v: clipped at most, bit for bit
-        for ours, ref in ((fused_q, q), (caches[2], caches[0])):
-            if dtype == torch.float32:
-                torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-            else:
-                torch.testing.assert_close(ours.float(), ref.float(), rtol=1.6e-2, atol=1.6e-2)
-                assert (ours == ref).float().mean() > 0.99
+        q_THD = decode_qkv(qkv_TC, positions_T, slots_T, k_cache, v_cache, spec,
+                           rotary.inv_freq_on(torch.device("cuda")), 1.0, *norms, eps)
+        ours = (q_THD, k_cache.view(-1, kv_heads, head_dim)[slots_T], v_cache.view(-1, kv_heads, head_dim)[slots_T])
+        eager = _eager_decode_qkv(qkv_TC, positions_T, q_w, k_w, spec, rotary, eps)
+        assert torch.equal(ours[2], eager[2])  # v: clipped at most, bit for bit
+        if dtype == torch.float32:
+            for mine, ref in zip(ours, eager):
+                torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+            continue
+        exact = _eager_decode_qkv(qkv_TC.float(), positions_T, q_w.float(), k_w.float(), spec, rotary, eps)
+        for mine, ref, truth in zip(ours[:2], eager[:2], exact[:2]):
+            torch.testing.assert_close(mine.float(), ref.float(), rtol=1.6e-2, atol=1.6e-2)
+            assert (mine.float() - truth).abs().mean() <= 1.1 * (ref.float() - truth).abs().mean()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -35,7 +35,7 @@ from moetier.offload.cache import EvictionPolicy, make_policy
 from moetier.offload.copy_engine import CopyEngine, make_copy_engine
 from moetier.offload.planner import SlotPlanner
 from moetier.offload.predict import Predictor
-from moetier.offload.prefetch import PrefetchWindow
+from moetier.offload.prefetch import PrefetchWindow, running_average
 from moetier.offload.slots import SlotPool
 from moetier.offload.store import ExpertStore
 
@@ -55,7 +55,6 @@ PREDICTION_MIN_PRECISION = 0.5
 # Below it, one layer step in this many still predicts (and is scored), so a run whose routing
 # becomes predictable turns prefetching back on; the others skip the predictor's kernels.
 PREDICTION_PROBE_EVERY = 8
-PRECISION_MEMORY = 0.9  # the running precision's weight on its past (per scored layer step)
 
 
 class OffloadedExecutor:
@@ -69,6 +68,7 @@ class OffloadedExecutor:
         self.spec = model_spec.moe
         self.layout = ExpertLayout(model_spec.hidden_size, self.spec.intermediate_size, dtype, self.spec.expert_bias)
         self.moe_layers = tuple(model_spec.moe_layer_ids)
+        self.next_layer = dict(zip(self.moe_layers, self.moe_layers[1:]))  # the MoE layer after each but the last
         self.store = ExpertStore(self.layout, self.moe_layers, self.spec.num_experts, host_experts=host_experts,
                                  disk_key=disk_key)
         self.pool = SlotPool(num_slots, self.layout, self.moe_layers, self.spec.num_experts, device)
@@ -112,16 +112,11 @@ class OffloadedExecutor:
         if layer == self.moe_layers[0]:
             self.tokens += x_TD.shape[0]
         self.planner.access(layer, needed)
-        timed = self._prefetching()  # the window is measured only while guesses may be copied
-        if timed:
-            self.window.copies_start(first_layer=layer == self.moe_layers[0])
+        self.window.copies_start(first_layer=layer == self.moe_layers[0])
         hits, loads = self._plan_and_copy(layer, needed)
+        self.window.copies_issued(len(loads))
         # Host work that the copies need not wait for comes after they started.
-        if timed:
-            self.window.copies_issued(len(loads))
-            self.window.measure()
-        else:
-            self.window.discard()
+        self.window.measure()
         self._score_guess(layer, needed)
         ready = sorted(hits + loads)
         overlap = bool(hits and loads) and x_TD.shape[0] >= OVERLAP_MIN_TOKENS
@@ -219,14 +214,14 @@ class OffloadedExecutor:
         slots this layer does not need, so they run while it computes. Routing that concentrates on
         a few experts (measured on the dummy Qwen3-30B-A3B: 29 of 128 per layer for a 512-token
         prompt) prefetches nothing, rather than four times the bytes it needs. True if it prefetched."""
-        position = self.moe_layers.index(layer)
-        if position + 1 == len(self.moe_layers) or not self.prefetch_next_layer:
+        nxt = self.next_layer.get(layer)
+        if nxt is None or not self.prefetch_next_layer:
             return False
         num_experts = self.spec.num_experts
         if len(needed) * PREFETCH_DENOMINATOR < PREFETCH_NUMERATOR * num_experts:
             return False
         keep = frozenset(ExpertId(layer, e) for e in needed)
-        _, loaded = self._plan_and_copy(self.moe_layers[position + 1], list(range(num_experts)), keep, prefetch=True)
+        _, loaded = self._plan_and_copy(nxt, list(range(num_experts)), keep, prefetch=True)
         self.prefetch_loads += len(loaded)
         return True
 
@@ -234,22 +229,18 @@ class OffloadedExecutor:
         """Starts the copies of the predicted next-layer experts that are not resident (the first
         choices first, as many as fit the window), behind this layer's own, into slots this layer
         does not need; remembers the guess to score it."""
-        position = self.moe_layers.index(layer)
-        if not guessed or position + 1 == len(self.moe_layers):
+        nxt = self.next_layer.get(layer)
+        if not guessed or nxt is None:
             return
-        nxt = self.moe_layers[position + 1]
         missing = [e for e in guessed if ExpertId(nxt, e) not in self.planner.slot_of]
         self.guess = (nxt, guessed, missing)
-        if not self._prefetching():
+        if not self.prefetch_next_layer or self.precision < PREDICTION_MIN_PRECISION:
             return
         missing = missing[: self.window.depth(self.precision)]
         if missing:
             keep = frozenset(ExpertId(layer, e) for e in needed)
             _, loaded = self._plan_and_copy(nxt, missing, keep, prefetch=True)
             self.prefetch_loads += len(loaded)
-
-    def _prefetching(self) -> bool:
-        return self.predictor is not None and self.prefetch_next_layer and self.precision >= PREDICTION_MIN_PRECISION
 
     def _predicting(self) -> bool:
         if self.predictor is None:
@@ -270,7 +261,7 @@ class OffloadedExecutor:
         self.needed_when_guessed += len(needed)
         if missing:
             share = len(needed_set.intersection(missing)) / len(missing)
-            self.precision = PRECISION_MEMORY * self.precision + (1 - PRECISION_MEMORY) * share
+            self.precision = running_average(self.precision, share)
 
     def _wait_for_copies(self, layer: int, experts: list[int]) -> None:
         pending = []

@@ -9,9 +9,9 @@ move experts between tiers ahead of time and never change a computed value.
 NextGatePredictor applies the next MoE layer's router weights to the current layer's input and
 takes the top-k logits: the residual stream changes little from one layer to the next, so it
 mostly picks the same experts (the cross-layer gating of Pre-gated MoE and AdapMoE). Two kernels;
-the router's own scoring (softmax, groups, bias correction) is left out: a guess needs no more. Routing that is replaced after the router (a
-replayed trace) makes its guesses wrong; the executor measures their precision and stops
-prefetching while it is low.
+the router's own scoring (softmax, groups, bias correction) is left out: a guess needs no more.
+Routing that is replaced after the router (a replayed trace) makes its guesses wrong; the executor
+measures their precision and stops prefetching while it is low.
 Legend: T tokens, D hidden, K experts per token.
 """
 

@@ -42,8 +42,7 @@ class PrefetchWindow:
             self._pending.append(("copy", self._start, self._end, count))
 
     def discard(self) -> None:
-        """No window opens from this layer: it runs in rounds (its later copies wait for compute), or
-        its copies are not timed (prefetching is off)."""
+        """The layer runs in rounds (its later copies wait for compute): its timings say nothing."""
         self._start = self._end = None
         self._pending = [m for m in self._pending if m[0] == "window"]
 
@@ -57,9 +56,9 @@ class PrefetchWindow:
                 continue
             seconds = max(0.0, self.copy_engine.elapsed(start, end))
             if kind == "copy":
-                self.copy_s = _average(self.copy_s, seconds / count)
+                self.copy_s = running_average(self.copy_s, seconds / count)
             else:
-                self.window_s = _average(self.window_s, seconds)
+                self.window_s = running_average(self.window_s, seconds)
         self._pending = waiting[-4:]  # a copy engine that never catches up does not grow this
 
     def depth(self, precision: float) -> int:
@@ -70,5 +69,6 @@ class PrefetchWindow:
         return fit + (self.window_s - fit * self.copy_s > self.copy_s * (1 - precision))
 
 
-def _average(average: float | None, value: float) -> float:
+def running_average(average: float | None, value: float) -> float:
+    """MEMORY of the past and the rest of the new value (the value itself when there is no past)."""
     return value if average is None else MEMORY * average + (1 - MEMORY) * value

@@ -2,10 +2,13 @@
 logic, the host arena and the refill rule on their own."""
 
 import itertools
+import random
 from collections import OrderedDict
+from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from checkpoints import FAMILY_CONFIGS, make_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,7 +19,10 @@ from moetier import LLM, SamplingParams
 from moetier.cli import _build_parser, _engine_options
 from moetier.errors import MoetierError
 from moetier.models.registry import family_for
+from moetier.moe.dispatch import weighted_k_sum
 from moetier.moe.experts import ExpertBank, ExpertId, ExpertLayout
+from moetier.moe.grouped import grouped_experts, looped_experts
+from moetier.moe.router import Routing
 from moetier.offload.arena import HostArena
 from moetier.offload.cache import LFU, LRU, StaticPinning, first_experts, make_policy
 from moetier.offload.copy_engine import DelayedCopyEngine
@@ -33,10 +39,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
-def overlap_from_few_tokens(monkeypatch):
-    """The test prompts are short: they take the overlap path (hits compute while misses stream)
-    that long prefills take."""
-    monkeypatch.setattr(executor_module, "OVERLAP_MIN_TOKENS", 5)
+def overlap_from_one_token(monkeypatch):
+    """Every step with hits and misses takes the overlap path (hits compute while misses stream), the
+    default's from GEMV_MAX_TOKENS + 1 tokens: here the short prompts and 3-sequence decode too."""
+    monkeypatch.setattr(executor_module, "OVERLAP_MIN_TOKENS", 1)
 
 
 def _checkpoint(name: str, path):
@@ -144,6 +150,81 @@ def test_refill_without_reader_event_is_caught(qwen3):
     assert engine.violations
 
 
+# --- rounds on their own: any split is one pass's bits, read from the device only ------------
+
+def _gemv_reference(x_TD: torch.Tensor, slots_A: torch.Tensor, bank: ExpertBank) -> torch.Tensor:
+    """gemv_experts in plain torch (its Triton kernel runs on CUDA only): row t*K + k."""
+    top_k = slots_A.shape[0] // x_TD.shape[0]
+    x_AD1 = x_TD.repeat_interleave(top_k, dim=0)[:, :, None]
+    gate_AF, up_AF = (bank.parts["gate_up"][slots_A] @ x_AD1)[..., 0].chunk(2, dim=-1)
+    return (bank.parts["down"][slots_A] @ (F.silu(gate_AF) * up_AF)[:, :, None])[..., 0]
+
+
+def _round_case(kernel: str, tokens: int, seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                bias: bool = False) -> tuple[OffloadedExecutor, torch.Tensor, Routing]:
+    """An executor (kernel forced: looped, grouped or gemv) whose 11 slots hold layer 0's 8 experts in
+    shuffled slots with random weights, and a step of `tokens` tokens routed at random."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = _spec()  # 8 experts, top-2
+    if bias:
+        spec = replace(spec, moe=replace(spec.moe, activation="gpt_oss", expert_bias=True))
+    executor = OffloadedExecutor(spec, dtype, device, 11, "lru", DelayedCopyEngine())
+    executor.kernel = looped_experts if kernel == "looped" else grouped_experts
+    executor.gemv = kernel == "gemv"
+    _, loads = executor.planner.plan_round(0, torch.randperm(8, generator=gen).tolist())
+    for e, slot, _ in loads:
+        executor.pool.assign(slot, ExpertId(0, e), None, None)
+    for part in executor.pool.bank.parts.values():
+        part.copy_(torch.randn(part.shape, generator=gen))
+    ids_TK = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(tokens)])
+    routing = Routing(ids_TK.to(device), torch.rand(tokens, 2, generator=gen).to(device))
+    return executor, torch.randn(tokens, spec.hidden_size, generator=gen).to(device, dtype), routing
+
+
+@pytest.mark.parametrize("kernel,tokens,bias", [("looped", 9, False), ("grouped", 9, False), ("grouped", 9, True),
+                                                ("gemv", 3, False)])
+def test_rounds_equal_one_pass_bitwise(kernel, tokens, bias, monkeypatch):
+    """A layer's experts split into rounds at random: each round writes its own rows and leaves the
+    others' bits as they were, the GEMV reads only the round's slots (the others may be refilling),
+    and the k-ordered sum is the one-pass compute's, bit for bit."""
+    read_S = []
+
+    def gemv(x_TD, slots_A, bank):
+        read_S.append(set(slots_A.tolist()))
+        return _gemv_reference(x_TD, slots_A, bank)
+
+    monkeypatch.setattr(executor_module, "gemv_experts", gemv)
+    for seed in range(6):
+        executor, x_TD, routing = _round_case(kernel, tokens, seed, bias=bias)
+        expected_TD = executor._compute_all(0, x_TD, routing)
+        ids_A = routing.topk_ids_TK.reshape(-1)
+        rng = random.Random(seed)
+        needed = rng.sample(ids_A.unique().tolist(), ids_A.unique().numel())  # shuffled
+        cuts = sorted(rng.sample(range(1, len(needed)), min(seed % 4, len(needed) - 1)))  # 1 to 4 rounds
+        rounds = [needed[a:b] for a, b in zip([0, *cuts], [*cuts, len(needed)])]
+        before_AD = torch.randn(ids_A.numel(), x_TD.shape[1])
+        out_AD, done = before_AD.clone(), 0
+        for experts in rounds:
+            executor._compute_round(0, x_TD, routing, experts, out_AD)
+            done += len(experts)
+            pending_A = torch.isin(ids_A, torch.tensor(needed[done:], dtype=torch.int64))
+            assert torch.equal(out_AD[pending_A], before_AD[pending_A])
+            if kernel == "gemv":
+                assert read_S.pop() <= {executor.planner.slot_of[ExpertId(0, e)] for e in experts}
+        assert torch.equal(weighted_k_sum(out_AD, routing.topk_weights_TK), expected_TD)
+
+
+@pytest.mark.parametrize("kernel,tokens", [("grouped", 9), ("gemv", 3)])
+def test_rounds_read_nothing_on_the_host(kernel, tokens, monkeypatch):
+    """Meta tensors hold no data: a round that read a size or a value of a device tensor on the host
+    (nonzero, a boolean mask, .item, .tolist, a unique), the host syncs a CUDA run would stall on,
+    raises here. bf16: grouped_mm's meta kernel takes no other dtype."""
+    monkeypatch.setattr(executor_module, "gemv_experts", _gemv_reference)
+    executor, x_TD, routing = _round_case(kernel, tokens, 0, device="meta", dtype=torch.bfloat16)
+    out_AD = torch.empty(routing.topk_ids_TK.numel(), x_TD.shape[1], dtype=x_TD.dtype, device="meta")
+    executor._compute_round(0, x_TD, routing, [1, 5], out_AD)
+
+
 def test_options_are_checked_and_on_the_cli():
     with pytest.raises(MoetierError, match="expert_slots"):
         LLM(None, expert_slots=0)
@@ -237,7 +318,8 @@ def test_layer_aware_heaps_stay_bounded_under_hits():
     assert max(len(heap) for heap in policy._heaps.values()) <= 4 * 2 + 16 + 1
     planner.access(0, [3])
     everyone = [e for e in planner.slot_of if e != ExpertId(0, 3)]
-    assert policy.choose(planner.resident, {ExpertId(0, 3)}) == policy.victim(everyone) == ExpertId(0, 0)
+    # layer 0's own experts first; 0 and 1 used equally often and as lately: the higher id goes
+    assert policy.choose(planner.resident, {ExpertId(0, 3)}) == policy.victim(everyone) == ExpertId(0, 1)
 
 
 def _simulate(policy, capacity: int, accesses: list[ExpertId]) -> list[set[ExpertId]]:

@@ -6,8 +6,8 @@ of them. Policies see expert ids only, never slots or tensors.
 
 The SlotPlanner asks through `choose(resident, protected)`, with the resident experts by layer: the
 same answer as `victim` over every resident expert not protected, which costs a pass over all slots
-per miss (too slow in Python for pools of a thousand slots), so the layer-aware and static policies
-answer it from a layer's or the streaming slots' experts alone. `loaded` / `evicted` tell a policy
+per miss (too slow in Python for pools of a thousand slots), so the layer-aware policy answers it
+from heaps and static pinning from its streaming slots alone. `loaded` / `evicted` tell a policy
 which experts hold slots.
 """
 
@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from moetier.moe.experts import ExpertId
 
 Resident = Mapping[int, Collection[ExpertId]]  # layer -> its experts that hold slots
+_UNUSED = (0.0, -1, 0, None, 0.0)  # LayerAware's use record of an expert not used yet
 
 
 class EvictionPolicy(ABC):
@@ -133,75 +134,233 @@ class StaticPinning(EvictionPolicy):
 
 
 class LayerAware(EvictionPolicy):
-    """For layer sweeps, where every token visits the MoE layers in order: evicts the candidate whose
-    layer comes round again last (the layers just behind the current one, the current layer's own
-    unneeded experts first), the least recently used within a layer. LRU keeps exactly the wrong
-    experts when the pool holds less than one sweep's worth: the ones used longest ago are needed next.
+    """For layer sweeps, where every token visits the MoE layers in order. A layer step's misses take
+    slots, in this order: from the layer's own experts it does not need, from experts marked as weak
+    (below), then from the layers just behind it (needed again last), but from those only while the
+    layer holds fewer than `borrow` (= top_k) slots. Otherwise the policy declines: the planner ends
+    the round and the next one streams the rest of the layer through the slots this one used. Loads
+    after the step's own (the executor prefetching the next layer) take slots in the same order, the
+    next layer's slots counted against `borrow`.
+    Within a layer the least used expert goes first: a count of uses decayed by half every
+    `half_life` sweeps (ties: the one used longest ago, then the highest id).
 
-    `choose` keeps a heap per layer of (last use, -expert, expert), stale entries dropped as they
-    surface (as LRU does), so a miss costs a few heap operations in the first layer with a candidate
-    rather than a pass over that layer's slots (benchmarks/planner_speed.py: 9.3 -> 4.4 us per needed
-    expert on the OLMoE donor in 69 slots)."""
+    Why: a wide step (a long prefill, a large batch) needs most of every layer. Evicting the layers
+    behind for it flushes the pool every sweep (each layer evicts the previous one's experts), while
+    static pinning keeps S - top_k experts through the sweep and streams the rest through top_k
+    slots. Here a layer holding top_k slots streams through its own, so the others keep theirs, and
+    only layers holding fewer take any; in narrow steps (decode) each layer keeps its most used
+    experts, and no slot is set aside for streaming.
+    Marks move slots to where routing is skewed: a miss marks the least used resident expert of
+    another layer if that was used significantly less (decayed counts, one-sided z-test with z = `z`,
+    this sweep's uses left out so that the layers before and after the current one compare fairly).
+    Under uniform routing marks are rare and the layout of slots over layers stays put.
 
-    def __init__(self, moe_layers: Iterable[int]):
+    `choose` answers from heaps (per layer, of marked experts, of the least used resident experts),
+    stale entries re-keyed or dropped as they surface, so a miss costs a few heap operations."""
+
+    def __init__(self, moe_layers: Iterable[int], borrow: int, half_life: float = 16.0, z: float = 2.0):
         self.layers = tuple(moe_layers)
         self.position = {layer: i for i, layer in enumerate(self.layers)}
-        self.current: int | None = None
-        self.lru = LRU()  # the clock and last uses only: its own heap stays empty (no `loaded` calls)
+        self.borrow = max(1, borrow)  # at least one, or a layer with no slots could never load
+        self.current: int | None = None  # position of the layer step in progress
+        self._last: tuple[int, int] | None = None  # (position, expert) of the last access
+        self._pending = 0  # misses of the current layer step not loaded yet
+        self.sweep = 0  # counted when the accesses go back to an earlier (position, expert)
+        self._growth = 2 ** (1 / half_life)
+        self._weight = 1.0  # growth ** sweep: a use now weighs this much (old ones decay relatively)
+        self._z2 = z * z
+        # expert -> (decayed count of uses, sweep of the last, -expert, expert, sum of squared weights):
+        # ordered as the eviction order within a layer (least used, then used longest ago, then the
+        # highest id, so that of the experts a wide step streams through the first ones stay, as
+        # static pinning's do), and itself the heap entry (replaced, never changed, by a use).
+        self.uses: dict[ExpertId, tuple[float, int, int, ExpertId, float]] = {}
         self._resident: set[ExpertId] = set()
-        self._heaps: dict[int, list[tuple[int, int, ExpertId]]] = {layer: [] for layer in self.layers}
-        self._resident_in: Counter[int] = Counter()  # layer -> its resident experts
+        self._resident_in: dict[int, set[ExpertId]] = {layer: set() for layer in self.layers}
+        self.marked: set[ExpertId] = set()  # resident experts any layer's misses may take
+        self._heaps: dict[int, list[tuple]] = {layer: [] for layer in self.layers}  # use records
+        self._marked_heap: list[tuple] = []  # use records
+        self._weakest: list[tuple[float, ExpertId]] = []  # (prior count, expert): resident, unmarked
+
+    def _prior(self, expert: ExpertId) -> tuple[float, float]:
+        """The decayed count and its sum of squared weights without this sweep's use."""
+        count, sweep, _, _, squares = self.uses[expert]
+        if sweep == self.sweep:
+            return count - self._weight, squares - self._weight ** 2
+        return count, squares
+
+    def _prior_count(self, expert: ExpertId) -> float:
+        count, sweep = self.uses[expert][:2]
+        return count - self._weight if sweep == self.sweep else count
 
     def access(self, expert: ExpertId) -> None:
-        self.current = self.position[expert.layer]
-        self.lru.access(expert)
-        if expert in self._resident:
-            self._push(expert)
+        at = (self.position[expert.layer], expert.expert)
+        if self._last is None or at[0] != self._last[0] or at <= self._last:  # a new layer step
+            self._pending = 0
+            if self._last is not None and at <= self._last:
+                self.sweep += 1
+                self._weight *= self._growth
+                if self._weight > 1e100:
+                    self._rescale()
+        self._last, self.current = at, at[0]
+        count, _, _, _, squares = self.uses.get(expert, _UNUSED)
+        w = self._weight
+        self.uses[expert] = (count + w, self.sweep, -expert.expert, expert, squares + w * w)
+        if expert in self.marked:  # used after all: an ordinary resident again
+            self.marked.discard(expert)
+            self._push_weakest(expert)
+        elif expert not in self._resident:  # a miss (a resident's heap entry is re-keyed when it surfaces)
+            self._pending += 1
+            self._mark_against(expert)
+
+    def _mark_against(self, miss: ExpertId) -> None:
+        """Marks the least used resident expert (by prior count) if `miss` was used significantly more.
+        Only the heap's top is tried: when it belongs to the miss's own layer nothing is marked (the
+        layer's own unneeded experts go first anyway)."""
+        count, squares = self._prior(miss)
+        if count * count <= self._z2 * squares:  # not significant even against an expert never used
+            return
+        heap = self._weakest
+        while heap:
+            prior, expert = heap[0]
+            if expert not in self._resident or expert in self.marked:
+                heapq.heappop(heap)
+            elif prior != self._prior_count(expert):  # used since: re-keyed (counts only grow)
+                heapq.heapreplace(heap, (self._prior_count(expert), expert))
+            else:
+                break
+        if not heap or heap[0][1].layer == miss.layer:
+            return
+        weak = heap[0][1]
+        weak_count, weak_squares = self._prior(weak)
+        excess = count - weak_count
+        if excess > 0 and excess * excess > self._z2 * (squares + weak_squares):
+            heapq.heappop(heap)
+            self.marked.add(weak)
+            heapq.heappush(self._marked_heap, self.uses[weak])
+            if len(self._marked_heap) > 4 * len(self.marked) + 16:
+                self._rebuild(self._marked_heap, self._marked_entries())
+
+    def _rescale(self) -> None:
+        """Keeps the weights finite: every count divided by the current weight, the heaps rebuilt."""
+        w = self._weight
+        self.uses = {e: (count / w, sweep, neg, e, squares / (w * w))
+                     for e, (count, sweep, neg, _, squares) in self.uses.items()}
+        self._weight = 1.0
+        for layer in self.layers:
+            self._rebuild(self._heaps[layer], self._layer_entries(layer))
+        self._rebuild(self._marked_heap, self._marked_entries())
+        self._rebuild(self._weakest, self._weakest_entries())
+
+    # Each heap holds an entry per member, keyed as when pushed (keys only grow, so a stale one is
+    # re-keyed when it surfaces), and evicted experts' entries: grown past four entries per member
+    # (an expert evicted and loaded again many times before its entry surfaces), it is rebuilt.
+    def _layer_entries(self, layer: int) -> list[tuple]:
+        return [self.uses[e] for e in self._resident_in[layer]]
+
+    def _marked_entries(self) -> list[tuple]:
+        return [self.uses[e] for e in self.marked]
+
+    def _weakest_entries(self) -> list[tuple]:
+        return [(self._prior_count(e), e) for e in self._resident if e not in self.marked]
+
+    @staticmethod
+    def _rebuild(heap: list[tuple], entries: list[tuple]) -> None:
+        heap[:] = entries
+        heapq.heapify(heap)
 
     def loaded(self, expert: ExpertId) -> None:
+        if self._pending and self.position[expert.layer] == self.current:
+            self._pending -= 1
         self._resident.add(expert)
-        self._resident_in[expert.layer] += 1
-        self._push(expert)
+        self._resident_in[expert.layer].add(expert)
+        record = self.uses.get(expert)
+        if record is None:  # prefetched, not used yet
+            record = self.uses[expert] = (0.0, -1, -expert.expert, expert, 0.0)
+        heap = self._heaps[expert.layer]
+        heapq.heappush(heap, record)
+        if len(heap) > 4 * len(self._resident_in[expert.layer]) + 16:
+            self._rebuild(heap, self._layer_entries(expert.layer))
+        self._push_weakest(expert)
+
+    def _push_weakest(self, expert: ExpertId) -> None:
+        heapq.heappush(self._weakest, (self._prior_count(expert), expert))
+        if len(self._weakest) > 4 * len(self._resident) + 16:
+            self._rebuild(self._weakest, self._weakest_entries())
 
     def evicted(self, expert: ExpertId) -> None:
         self._resident.discard(expert)  # its heap entries go stale
-        self._resident_in[expert.layer] -= 1
+        self._resident_in[expert.layer].discard(expert)
+        self.marked.discard(expert)
 
-    def _push(self, expert: ExpertId) -> None:
-        heap = self._heaps[expert.layer]
-        heapq.heappush(heap, (self.lru.last_use.get(expert, 0), -expert.expert, expert))
-        if len(heap) > 4 * self._resident_in[expert.layer] + 16:  # hits alone never pop: compact
-            heap[:] = [(use, neg, e) for use, neg, e in heap
-                       if e in self._resident and use == self.lru.last_use.get(e, 0)]
-            heapq.heapify(heap)
+    def _may_borrow(self) -> bool:
+        """Whether the layer the slot is for holds fewer than `borrow` slots. That layer is the current
+        one while its step has misses to load; after that, the next one, whose experts the executor
+        prefetches (its step's borrowing, begun early)."""
+        receiving = self.current if self._pending else (self.current + 1) % len(self.layers)
+        return len(self._resident_in[self.layers[receiving]]) < self.borrow
 
     def victim(self, candidates: Collection[ExpertId]) -> ExpertId | None:
+        order = self.uses.__getitem__  # every resident expert has a record (`loaded` makes one)
         if self.current is None:
-            return self.lru.victim(candidates)
-        num_layers = len(self.position)
+            return min(candidates, key=order, default=None)
+        current = self.layers[self.current]
+        own = [e for e in candidates if e.layer == current]
+        if own:
+            return min(own, key=order)
+        marked = [e for e in candidates if e in self.marked]
+        if marked:
+            return min(marked, key=order)
+        if not self._may_borrow():
+            return None
+        num_layers = len(self.layers)
 
         def layers_until_needed(e: ExpertId) -> int:  # 0: the next layer of the sweep
             return (self.position[e.layer] - self.current - 1) % num_layers
 
-        return max(candidates, key=lambda e: (layers_until_needed(e), -self.lru.last_use.get(e, 0), e), default=None)
+        return min(candidates, key=lambda e: (-layers_until_needed(e), order(e)), default=None)
 
     def choose(self, resident: Resident, protected: Collection[ExpertId]) -> ExpertId | None:
-        """The layers in victim order, each one's heap alone: the first layer with a candidate has it."""
+        """victim()'s order from the heaps: the current layer by a plain pass (its experts are mostly
+        this step's, protected, so that beats popping and re-pushing each from its heap on every
+        miss), then the marked experts, then the layers behind, nearest first."""
         if self.current is None:
             return super().choose(resident, protected)
-        layers, last_use = self.layers, self.lru.last_use
-        # The current layer first (needed again last): its experts are mostly this step's, protected,
-        # so a plain pass over them beats popping and re-pushing each from its heap on every miss.
+        layers = self.layers
         own = [e for e in resident.get(layers[self.current], ()) if e not in protected]
         if own:
-            return min(own, key=lambda e: (last_use.get(e, 0), -e.expert))
+            return min(own, key=self.uses.__getitem__)
+        found = self._least(self._marked_heap, self.marked, protected)
+        if found is not None or not self._may_borrow():
+            return found
         num_layers = len(layers)
-        for back in range(1, num_layers):  # then the ones behind it
-            heap = self._heaps[layers[(self.current - back) % num_layers]]
-            found = least_recent(heap, self._resident, last_use, protected)
+        for back in range(1, num_layers):
+            layer = layers[(self.current - back) % num_layers]
+            found = self._least(self._heaps[layer], self._resident_in[layer], protected)
             if found is not None:
                 return found
         return None
+
+    def _least(self, heap: list[tuple], members: Collection[ExpertId], protected: Collection[ExpertId]
+               ) -> ExpertId | None:
+        """The heap's least record among `members` not protected: entries of non-members are dropped,
+        stale ones re-keyed (a use replaces the record by a greater one), protected ones set aside and
+        put back."""
+        skipped, found = [], None
+        while heap:
+            entry = heap[0]
+            expert = entry[3]
+            if expert not in members:
+                heapq.heappop(heap)
+            elif entry is not self.uses[expert]:
+                heapq.heapreplace(heap, self.uses[expert])
+            elif expert in protected:
+                skipped.append(heapq.heappop(heap))
+            else:
+                found = expert
+                break
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        return found
 
 
 def first_experts(moe_layers: Iterable[int], num_experts: int, count: int) -> list[ExpertId]:
@@ -216,7 +375,7 @@ def make_policy(name: str, num_slots: int, moe_layers: tuple[int, ...], num_expe
         "lru": LRU,
         "lfu": LFU,
         "static": lambda: StaticPinning(first_experts(moe_layers, num_experts, num_slots - top_k)),
-        "layer": lambda: LayerAware(moe_layers),
+        "layer": lambda: LayerAware(moe_layers, top_k),
     }
     return makers[name]()
 

@@ -10,8 +10,10 @@ starts after the slot's last reader, and compute waits for the copies on the dev
 with more tokens than the decode GEMV takes, the hits compute first while the misses stream in;
 when a layer needed nearly every expert (a long prompt under spread routing), the next MoE
 layer's experts start copying behind its own into slots this layer does not need. If the layer
-needs more experts than there are slots, it runs in rounds. Rounds write their assignment rows
-into one [A, D] buffer and one k-ordered sum follows, the same sum the resident combine ends with.
+needs more experts than there are slots (or the policy declines to evict), it runs in rounds. Rounds
+write their assignment rows into one [A, D] buffer and one k-ordered sum follows, the same sum the
+resident combine ends with; they pick their rows on the device, so the layer's only host sync stays
+the routing read (but for the looped fallback kernel, which reads its counts on the host anyway).
 Otherwise a predictor (offload/predict.py) guesses the next MoE layer's experts, its guess read in
 the same sync as the routing, and those not resident start copying behind this layer's misses, so
 the copy engine keeps working through the next layer's attention, router and routing read; the
@@ -41,11 +43,12 @@ from moetier.offload.store import ExpertStore
 
 # The next layer is prefetched whole when this one needed at least 7/8 of its experts.
 PREFETCH_NUMERATOR, PREFETCH_DENOMINATOR = 7, 8
-# The hits compute while the misses stream in only from this many tokens (prefill chunks): a
-# round's row selection reads a data-dependent size, a host sync that idles the copy engine until
-# the host has launched the next layer (measured: batch-8 decode of OLMoE-1B-7B lost ~3 ms per
-# layer), and below this the hits' compute is short next to the misses' copies anyway.
-OVERLAP_MIN_TOKENS = 128
+# The hits compute while the misses stream in (two rounds) from this many tokens. Rounds select their
+# rows on the device, so this no longer waits for prefill-sized steps (it was 128 while a round read
+# its row count on the host, a sync that idled the copy engine: ~3 ms per layer at batch-8 decode of
+# OLMoE-1B-7B on the H100). Up to GEMV_MAX_TOKENS the GEMV computes every row in each round, and
+# the hits' compute is short next to the misses' copies: no overlap there.
+OVERLAP_MIN_TOKENS = GEMV_MAX_TOKENS + 1
 # Predicted experts are copied ahead (as many as fit the copy engine's idle window, prefetch.py)
 # while the running precision of the guesses that were not resident is at least this: each wrong
 # one also evicts a cached expert for nothing. (Right guesses are mostly resident already when the
@@ -119,16 +122,18 @@ class OffloadedExecutor:
         self.window.measure()
         self._score_guess(layer, needed)
         ready = sorted(hits + loads)
+        fits = len(ready) == len(needed)
         overlap = bool(hits and loads) and x_TD.shape[0] >= OVERLAP_MIN_TOKENS
-        if len(ready) == len(needed) and not overlap:
+        if fits and not overlap:
             self._wait_for_copies(layer, ready)
             y_TD = self._compute_all(layer, x_TD, routing)
             self._mark_read(layer, ready)
+        else:
+            rounds = [sorted(hits), sorted(loads)] if overlap else [ready]
+            y_TD = self._compute_in_rounds(layer, x_TD, routing, rounds, needed)
+        if fits:
             self._prefetch_next(layer, needed, guessed)  # behind the compute, which need not wait for it
-            return y_TD
-        if len(ready) == len(needed):
-            self._prefetch_next(layer, needed, guessed)  # before the rounds, whose row selection syncs
-        return self._compute_in_rounds(layer, x_TD, routing, [sorted(hits), sorted(loads)] if overlap else [ready], needed)
+        return y_TD
 
     def _prefetch_next(self, layer: int, needed: list[int], guessed: list[int]) -> None:
         if not self._prefetch_after(layer, needed):
@@ -291,16 +296,28 @@ class OffloadedExecutor:
 
     def _compute_round(self, layer: int, x_TD: torch.Tensor, routing: Routing, experts: list[int],
                        out_AD: torch.Tensor) -> None:
-        """The assignments of `experts` through their slots, written to their rows of out_AD."""
-        bank, slot_of_expert_E = self.pool.bank, self.pool.device_table(layer)
-        ids_A = routing.topk_ids_TK.reshape(-1)
-        rows_R = torch.isin(ids_A, _on_device(experts, ids_A.device)).nonzero().squeeze(1)  # ascending
-        if self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS:  # every row computed, only this round's kept
-            out_AD[rows_R] = gemv_experts(x_TD, slot_of_expert_E[ids_A].clamp(min=0), bank)[rows_R]
-            return
-        top_k = routing.topk_ids_TK.shape[1]
-        plan = Dispatch(*group_by_slot(x_TD, slot_of_expert_E[ids_A[rows_R]], rows_R, bank.num_slots, top_k))
-        out_AD[plan.order_A] = self.kernel(plan, bank, self.spec)
+        """The assignments of `experts` through their slots, written to their rows of out_AD; the other
+        rows are left as they are. No host sync (no size that depends on the routing): the other rows
+        go to slot S, past the pool, and are computed through a slot of this round (GEMV) or grouped
+        last, where the grouped kernel's offsets leave them out; a select keeps this round's rows."""
+        bank, num_slots = self.pool.bank, self.pool.num_slots
+        slots = [self.planner.slot_of[ExpertId(layer, e)] for e in experts]
+        round_slot_E = torch.full((self.spec.num_experts,), num_slots)
+        round_slot_E[experts] = torch.tensor(slots)
+        slots_A = _on_device(round_slot_E, x_TD.device)[routing.topk_ids_TK.reshape(-1)]
+        in_round_A = slots_A < num_slots
+        if self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS:
+            y_AD = gemv_experts(x_TD, torch.where(in_round_A, slots_A, slots[0]), bank)
+        else:
+            top_k = routing.topk_ids_TK.shape[1]
+            order_A, slots_sorted_A, x_sorted_AD, counts_S1, ends_S1 = group_by_slot(
+                x_TD, slots_A, None, num_slots + 1, top_k)
+            # The clamp keeps the left-out rows' bias reads (gpt-oss) inside the pool.
+            plan = Dispatch(order_A, slots_sorted_A.clamp(max=num_slots - 1), x_sorted_AD, counts_S1[:-1],
+                            ends_S1[:-1])
+            y_AD = torch.empty_like(out_AD)
+            y_AD[order_A] = self.kernel(plan, bank, self.spec)
+        out_AD.copy_(torch.where(in_round_A[:, None], y_AD, out_AD))
 
     # --- stats ------------------------------------------------------------------------------
 
@@ -341,7 +358,6 @@ class OffloadedExecutor:
         }
 
 
-def _on_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor without blocking the host (pinned source, asynchronous copy)."""
-    host = torch.tensor(values)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+def _on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device without blocking the host (pinned source, asynchronous copy)."""
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)

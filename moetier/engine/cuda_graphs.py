@@ -31,14 +31,16 @@ class DecodeGraphs:
         block_size = kv_cache.block_size
         # The step's inputs in two device buffers, each filled by one copy from its pinned twin (five
         # pageable copies cost ~0.25 ms of host time per step, the GPU idle meanwhile):
-        # rows of [ids | positions | KV slots] (int64) and of [block table | context length] (int32).
+        # rows of [ids | positions | KV slots] (int64), and [context lengths | block tables] (int32),
+        # each part contiguous (the kernels index them flat); a step copies the context lengths and
+        # its rows of the tables, a prefix of the int32 buffer.
         width = max_blocks_per_seq
         self.host64 = torch.zeros(3, max_batch, dtype=torch.int64).pin_memory()
-        self.host32 = torch.zeros(max_batch, width + 1, dtype=torch.int32).pin_memory()
+        self.host32 = torch.zeros(max_batch * (1 + width), dtype=torch.int32).pin_memory()
         self.inputs64 = torch.zeros(3, max_batch, dtype=torch.int64, device=device)
-        self.inputs32 = torch.zeros(max_batch, width + 1, dtype=torch.int32, device=device)
+        self.inputs32 = torch.zeros(max_batch * (1 + width), dtype=torch.int32, device=device)
         self.input_ids, self.positions, self.slots = self.inputs64.unbind(0)
-        self.tables, self.ctx_lens = self.inputs32[:, :width], self.inputs32[:, width]
+        self.ctx_lens, self.tables = self.inputs32[:max_batch], self.inputs32[max_batch:].view(max_batch, width)
         self.slots.fill_(scratch_block * block_size)
         self.tables.fill_(scratch_block)
         self.ctx_lens.fill_(1)
@@ -92,21 +94,24 @@ class DecodeGraphs:
         size = next(b for b in self.buckets if b >= n)
         block_size = self.kv_cache.block_size
         width = self.tables.shape[1]
+        max_batch = self.buckets[-1]
         ids_B, positions_B, slots_B = self.host64[:, :size].numpy()
-        rows_BW = self.host32[:size].numpy()
+        ctx_B = self.host32[:size].numpy()
+        tables_BW = self.host32[max_batch : max_batch + size * width].view(size, width).numpy()
         ids_B[n:], positions_B[n:], slots_B[n:] = 0, 0, self.scratch_block * block_size  # padding rows
-        rows_BW[:, :width] = self.scratch_block
-        rows_BW[:, width] = 1
+        ctx_B[:] = 1
+        tables_BW[:] = self.scratch_block
         for row, item in enumerate(scheduled):
             seq = item.seq
             pos = seq.num_computed
             ids_B[row] = seq.all_ids[pos]
             positions_B[row] = pos
             slots_B[row] = seq.kv_slot(pos, block_size)
-            rows_BW[row, : len(seq.block_ids)] = seq.block_ids
-            rows_BW[row, width] = pos + 1
+            tables_BW[row, : len(seq.block_ids)] = seq.block_ids
+            ctx_B[row] = pos + 1
         self.inputs64.copy_(self.host64, non_blocking=True)
-        self.inputs32[:size].copy_(self.host32[:size], non_blocking=True)
+        prefix = max_batch + size * width
+        self.inputs32[:prefix].copy_(self.host32[:prefix], non_blocking=True)
         return size
 
 

@@ -6,6 +6,7 @@ call reading other experts than the last so that the 50 MB L2 holds none of them
     python benchmarks/gemv_sweep.py --dense    # the dense decode GEMVs alone: cuBLAS and dense_gemv
 """
 
+import functools
 import itertools
 import json
 import sys
@@ -28,6 +29,8 @@ DENSE_SHAPES = {
     "qwen3_qkv": (5120, 2048), "qwen3_o": (2048, 4096), "qwen3_router": (128, 2048),
     "olmoe_qkv": (6144, 2048), "olmoe_o": (2048, 2048), "olmoe_router": (64, 2048),
 }
+# (BLOCK_N, BLOCK_K, warps, stages) tried for one token's dense GEMV
+DENSE_TILES = [(1, 512, 2, 3), (2, 256, 2, 3), (2, 512, 4, 3), (4, 256, 2, 3), (4, 256, 4, 1), (1, 1024, 4, 3)]
 CALLS_PER_GRAPH = 24
 REPLAYS = 20
 
@@ -89,13 +92,23 @@ def dense_calls(n, k, tokens, fn):
     return [lambda w=ws[i % copies]: fn(x, w) for i in range(CALLS_PER_GRAPH)], n * k * 2
 
 
+def dense_tile(x, w, tile):
+    n, k = w.shape
+    block_n, block_k, warps, stages = tile
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _expert_gemv_kernel[(1, triton.cdiv(n, block_n))](
+        x, w, x, out, x.stride(0), 0, w.stride(0), out.stride(0), n, k, 1,
+        SWIGLU=False, DENSE=True, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return out
+
+
 def main() -> None:
     dense_only = "--dense" in sys.argv
     for tokens in (1, 8):
         for name, (n, k) in DENSE_SHAPES.items():
-            for kernel, fn in (("cublas", F.linear), ("dense_gemv", dense_gemv)):
-                if kernel == "dense_gemv" and tokens > 1:
-                    continue
+            kernels = [("cublas", F.linear), ("dense_gemv", dense_gemv)]
+            kernels += [(f"dense_tile_{tile}", functools.partial(dense_tile, tile=tile)) for tile in DENSE_TILES]
+            for kernel, fn in kernels[: 1 if tokens > 1 else None]:
                 calls, nbytes = dense_calls(n, k, tokens, fn)
                 t = graph_time_s(calls)
                 print(json.dumps({"kernel": kernel, "shape": name, "tokens": tokens, "us": round(t * 1e6, 2),

@@ -71,17 +71,15 @@ def expert_gemv(x_RK: torch.Tensor, w_SNK: torch.Tensor, slots_A: torch.Tensor, 
 
 
 def dense_gemv(x_1K: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    """x @ W.T for one token -> [1, N]: the same kernel over a single matrix. Narrow matrices (a
-    router's) take fewer rows per program, so that a few hundred programs still share the reads."""
+    """x @ W.T for one token -> [1, N]: the same kernel over a single matrix, one row per program
+    so that even a router's 128 rows spread over the GPU (tile from benchmarks/gemv_sweep.py --dense)."""
     n, k = w_NK.shape
     assert x_1K.shape == (1, k) and x_1K.stride(-1) == 1 and w_NK.stride(1) == 1
     out_1N = torch.empty(1, n, dtype=x_1K.dtype, device=x_1K.device)
-    block_n = max(1, min(8, triton.next_power_of_2(n) // 256))
-    warps, stages = _TILES[False][1:]
-    _expert_gemv_kernel[(1, triton.cdiv(n, block_n))](
+    _expert_gemv_kernel[(1, n)](
         x_1K, w_NK, x_1K, out_1N,
         x_1K.stride(0), 0, w_NK.stride(0), out_1N.stride(0),
         n, k, 1,
-        SWIGLU=False, DENSE=True, BLOCK_N=block_n, BLOCK_K=256, num_warps=warps, num_stages=stages,
+        SWIGLU=False, DENSE=True, BLOCK_N=1, BLOCK_K=1024, num_warps=4, num_stages=3,
     )
     return out_1N

@@ -6,11 +6,11 @@ Shapes: T flat tokens, H query heads, K kv heads, D head dim.
 """
 
 import torch
-import torch.nn.functional as F
 
 from moetier.engine.batch import ForwardBatch
 from moetier.kernels import decode_qkv, paged_decode
 from moetier.models import paged_attention
+from moetier.models.linear import linear
 from moetier.models.norm import RMSNorm
 from moetier.models.rope import Rotary
 from moetier.models.spec import AttentionSpec
@@ -59,7 +59,7 @@ class GQAAttention(torch.nn.Module):
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
         spec = self.spec
         if self.qkv_weight is not None:
-            qkv_TC = F.linear(x_TD, self.qkv_weight, self.qkv_bias)
+            qkv_TC = linear(x_TD, self.qkv_weight, self.qkv_bias)
             if batch.decode is not None and decode_qkv.supported(qkv_TC, spec):
                 return self._decode_fused(qkv_TC, batch, kv_cache)
             sizes = [spec.num_heads * spec.head_dim] + [spec.num_kv_heads * spec.head_dim] * 2
@@ -95,7 +95,7 @@ class GQAAttention(torch.nn.Module):
                 spec.softmax_scale,
                 sinks_H,
             )
-        return self.o_proj(out_THD.flatten(1))
+        return linear(out_THD.flatten(1), self.o_proj.weight, self.o_proj.bias)
 
     def _decode_fused(self, qkv_TC: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Decode on the GPU: norms, clipping, rotary and the cache writes in one kernel."""
@@ -113,4 +113,4 @@ class GQAAttention(torch.nn.Module):
             q_THD, kv_cache[0], kv_cache[1], batch.decode.block_tables_BM, batch.decode.ctx_lens_B,
             self.spec.softmax_scale, self.sliding_window, sinks_H,
         )
-        return self.o_proj(out_THD.flatten(1))
+        return linear(out_THD.flatten(1), self.o_proj.weight, self.o_proj.bias)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from moetier.kernels import router_topk
 from moetier.kernels.fuse import fused
-from moetier.kernels import expert_gemv
+from moetier.models.linear import linear
 from moetier.models.spec import RouterSpec
 
 
@@ -59,16 +59,6 @@ def _mask_to_top_groups(choice_TE: torch.Tensor, spec: RouterSpec) -> torch.Tens
     return choice_TE.masked_fill(~keep_TE, float("-inf"))
 
 
-def _router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T; one token's on the GPU through the Triton GEMV, one row per program: 4.0 against
-    cuBLAS's 4.8 us on the H100 at the Qwen3-30B-A3B and OLMoE shapes (benchmarks/gemv_sweep.py
-    --dense; cuBLAS wins on the wider attention projections)."""
-    if (x_TD.shape[0] == 1 and bias_E is None and x_TD.is_cuda and expert_gemv.triton is not None
-            and x_TD.dtype in (torch.bfloat16, torch.float16) and x_TD.stride(-1) == 1):
-        return expert_gemv.dense_gemv(x_TD, weight_ED)
-    return F.linear(x_TD, weight_ED, bias_E)
-
-
 class Router(torch.nn.Module):
     def __init__(self, spec: RouterSpec, hidden_size: int):
         super().__init__()
@@ -85,7 +75,7 @@ class Router(torch.nn.Module):
         if self.spec.fp32_logits:
             logits_TE = F.linear(x_TD.float(), self.weight.float(), None if bias is None else bias.float())
         else:
-            logits_TE = _router_logits(x_TD, self.weight, bias)
+            logits_TE = linear(x_TD, self.weight, bias)
         spec = self.spec
         if router_topk.supported(logits_TE, spec.scoring, spec.num_groups, spec.correction_bias):
             return Routing(*router_topk.softmax_topk(logits_TE, spec.top_k, spec.scoring == "softmax",

@@ -4,6 +4,9 @@
 """
 
 import argparse
+import cProfile
+import pstats
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -28,6 +31,16 @@ def main() -> None:
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+    profiler = cProfile.Profile()  # host time by Python function (compile wrappers, dispatch)
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(3):
+        llm.generate([prompt], params)
+    torch.cuda.synchronize()
+    profiler.disable()
+    print(f"prefill {(time.perf_counter() - start) / 3 * 1e3:.2f} ms (under cProfile)")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""CUDA graphs for decode: one captured forward per batch-size bucket, replayed each step.
+"""CUDA graphs for decode: one captured forward per batch-size bucket (in a few pieces), replayed each step.
 
 The graphs read static input buffers (token ids, positions, KV slots, block tables, context
 lengths); a step copies its inputs in and replays the smallest bucket that holds the batch.
@@ -19,6 +19,10 @@ from moetier.moe.layer import MoELayer
 from moetier.moe.router import Routing
 
 _BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# A step's graph is captured in this many pieces of consecutive layers, launched back to back: the
+# GPU starts on the first while the host launches the rest. (Launching one graph of ~650 kernels,
+# the Qwen3-30B-A3B shape's step, took ~0.35 ms of host time; benchmarks/graph_pieces.py.)
+GRAPH_PIECES = 4
 
 
 class DecodeGraphs:
@@ -46,7 +50,7 @@ class DecodeGraphs:
         self.ctx_lens.fill_(1)
         # Every tensor a graph reads must outlive the capture: a freed one's memory gets reused.
         self.rows = torch.arange(max_batch, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self._capture(device)
 
@@ -61,19 +65,35 @@ class DecodeGraphs:
         )
 
     def _capture(self, device: torch.device) -> None:
-        pool = None
-        for size in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
+        """Per bucket, the step's graph in GRAPH_PIECES pieces of consecutive layers (one pool for all)."""
+        layers = self.model.model.layers
+        cuts = {round(i * len(layers) / GRAPH_PIECES) for i in range(1, GRAPH_PIECES)}
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
             batch = self._batch(size)
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
+            pieces: list[torch.cuda.CUDAGraph] = []
+
+            def begin_piece(*_) -> None:
+                if pieces:
+                    pieces[-1].capture_end()
+                pieces.append(torch.cuda.CUDAGraph())
+                pieces[-1].capture_begin(pool=pool)
+
             with torch.cuda.stream(stream):
                 self.model(batch, self.kv_cache.layers)  # warm-up: kernels compiled, caches filled
+                torch.cuda.synchronize(device)
+                hooks = [layers[i].register_forward_pre_hook(begin_piece) for i in sorted(cuts)]
+                try:
+                    begin_piece()
+                    self.logits[size] = self.model(batch, self.kv_cache.layers)
+                    pieces[-1].capture_end()
+                finally:
+                    for hook in hooks:
+                        hook.remove()
             torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[size] = self.model(batch, self.kv_cache.layers)
-            pool = graph.pool()
-            self.graphs[size] = graph
+            self.graphs[size] = pieces
 
     @property
     def max_batch(self) -> int:
@@ -84,7 +104,8 @@ class DecodeGraphs:
         return self._replay(size, len(scheduled))
 
     def _replay(self, size: int, n: int) -> torch.Tensor:
-        self.graphs[size].replay()
+        for piece in self.graphs[size]:
+            piece.replay()
         return self.logits[size][:n]
 
     def _load_inputs(self, scheduled: list[ScheduledSeq]) -> int:

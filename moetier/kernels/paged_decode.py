@@ -1,14 +1,13 @@
 """Paged-attention decode in Triton: one query token per sequence against its paged K/V.
 
 Split-K ("flash decoding"): grid (sequence, kv head, split); each program runs an online softmax
-over its share of the context for the G query heads of one kv head, and a small torch reduction
-merges the splits (and the attention sinks, if any). No host sync, so it runs inside CUDA graphs.
+over its share of the context for the G query heads of one kv head, and a second kernel merges
+the splits (and the attention sinks, if any) into the output, one program per (sequence, head). No host sync, so it runs inside CUDA graphs.
 Legend: B sequences, H query heads, K kv heads, G = H / K, D head dim, N cache blocks, P splits.
 """
 
 import torch
 
-from moetier.kernels.fuse import fused
 
 try:
     import triton
@@ -75,9 +74,36 @@ if triton is not None:
         tl.store(l_ptr + row_ids, l_i, mask=g < G)
         tl.store(acc_ptr + row_ids[:, None] * D + d[None, :], acc, mask=(g[:, None] < G) & (d[None, :] < D))
 
+    @triton.jit
+    def _merge_splits_kernel(
+        m_ptr, l_ptr, acc_ptr, sinks_ptr, out_ptr, num_heads,
+        NUM_SPLITS: tl.constexpr, P_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SINKS: tl.constexpr,
+    ):
+        """One (sequence, head): softmax-merges its splits' partial results into the output row, in
+        the output dtype; a sink adds to the denominator only."""
+        row = tl.program_id(0).to(tl.int64)  # b * num_heads + h
+        p = tl.arange(0, P_PAD)
+        d = tl.arange(0, D_PAD)
+        m = tl.load(m_ptr + row * NUM_SPLITS + p, mask=p < NUM_SPLITS, other=float("-inf"))
+        l = tl.load(l_ptr + row * NUM_SPLITS + p, mask=p < NUM_SPLITS, other=0.0)
+        acc = tl.load(acc_ptr + (row * NUM_SPLITS + p[:, None]) * D + d[None, :],
+                      mask=(p[:, None] < NUM_SPLITS) & (d[None, :] < D), other=0.0)
+        m_max = tl.max(m, axis=0)
+        if SINKS:
+            sink = tl.load(sinks_ptr + row % num_heads).to(tl.float32)
+            m_max = tl.maximum(m_max, sink)
+        weight = tl.exp(m - m_max)
+        denominator = tl.sum(l * weight, axis=0)
+        if SINKS:
+            denominator += tl.exp(sink - m_max)
+        out = tl.sum(acc * weight[:, None], axis=0) / denominator
+        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
 
 _TARGET_PROGRAMS = 256  # about two per SM on an H100
 _TILE_TOKENS = 64  # context tokens per loop iteration (several cache blocks)
+
+
 
 
 def _next_pow2(n: int) -> int:
@@ -117,22 +143,10 @@ def paged_decode(
         # fp32 models get exact fp32 products (tl.dot would use TF32); bf16/fp16 use the tensor cores
         PRECISION="ieee" if q_BHD.dtype == torch.float32 else "tf32",
     )
-    return _merge_splits(
-        m_R.view(num_seqs, num_heads, num_splits),
-        l_R.view(num_seqs, num_heads, num_splits),
-        acc_RD.view(num_seqs, num_heads, num_splits, head_dim),
-        sinks_H,
-    ).to(q_BHD.dtype)
-
-
-@fused
-def _merge_splits(m_BHP, l_BHP, acc_BHPD, sinks_H):
-    """Softmax-merges the per-split partial results; a sink adds to the denominator only."""
-    m_max_BH = m_BHP.amax(dim=-1)
-    if sinks_H is not None:
-        m_max_BH = torch.maximum(m_max_BH, sinks_H.float()[None, :])
-    weight_BHP = torch.exp(m_BHP - m_max_BH[..., None])
-    denominator_BH = (l_BHP * weight_BHP).sum(dim=-1)
-    if sinks_H is not None:
-        denominator_BH = denominator_BH + torch.exp(sinks_H.float()[None, :] - m_max_BH)
-    return (acc_BHPD * weight_BHP[..., None]).sum(dim=2) / denominator_BH[..., None]
+    out_BHD = torch.empty(num_seqs, num_heads, head_dim, dtype=q_BHD.dtype, device=q_BHD.device)
+    _merge_splits_kernel[(num_seqs * num_heads,)](
+        m_R, l_R, acc_RD, sinks_H if sinks_H is not None else m_R, out_BHD,
+        num_heads, NUM_SPLITS=num_splits, P_PAD=_next_pow2(num_splits), D=head_dim,
+        D_PAD=max(16, _next_pow2(head_dim)), SINKS=sinks_H is not None,
+    )
+    return out_BHD

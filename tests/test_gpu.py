@@ -112,7 +112,7 @@ def test_fused_router_matches_torch(scoring, norm_topk, num_experts, top_k):
             assert untied.float().mean() > 0.5
 
 
-def _eager_decode_qkv(qkv_TC, positions_T, q_w, k_w, spec, rotary, eps):
+def _eager_qkv_cache(qkv_TC, positions_T, q_w, k_w, spec, rotary, eps):
     """attention.py's unfused ops: (q [T, H, D], k, v [T, K, D])."""
     from moetier.models.norm import rms_norm
     from moetier.models.rope import _cos_sin, _rotate
@@ -134,12 +134,12 @@ def _eager_decode_qkv(qkv_TC, positions_T, q_w, k_w, spec, rotary, eps):
 
 @pytest.mark.parametrize("qk_norm,clip,interleaved,rotary_dim,heads,kv_heads,head_dim", [
     ("head", None, False, 128, 32, 4, 128), ("full", 3.0, False, 64, 16, 16, 64), ("none", None, True, 32, 6, 2, 48)])
-def test_decode_qkv_kernel_matches_eager_ops(qk_norm, clip, interleaved, rotary_dim, heads, kv_heads, head_dim):
-    """The one-kernel norm/clip/rotary/cache write of decode against the eager torch ops it replaces:
+def test_qkv_cache_kernel_matches_eager_ops(qk_norm, clip, interleaved, rotary_dim, heads, kv_heads, head_dim):
+    """The one-kernel norm/clip/rotary/cache write against the eager torch ops it replaces:
     fp32 to rounding; bf16 no less accurate than the eager bf16 ops, both against the same ops in
     fp32 (the kernel rounds where each eager op does, but its cos/sin may differ from torch's by an
     ulp at large angles, which flips some bf16 roundings)."""
-    from moetier.kernels.decode_qkv import decode_qkv
+    from moetier.kernels.qkv_cache import norm_rotate_cache
     from moetier.models.rope import Rotary
     from moetier.models.spec import AttentionSpec, RopeSpec
 
@@ -156,19 +156,48 @@ def test_decode_qkv_kernel_matches_eager_ops(qk_norm, clip, interleaved, rotary_
         qkv_TC, q_w, k_w = (t.to(dtype) for t in (qkv32_TC, q_w32, k_w32))
         k_cache, v_cache = (torch.zeros(4, 16, kv_heads, head_dim, device="cuda", dtype=dtype) for _ in range(2))
         norms = (q_w, k_w) if qk_norm != "none" else (None, None)
-        q_THD = decode_qkv(qkv_TC, positions_T, slots_T, k_cache, v_cache, spec,
-                           rotary.inv_freq_on(torch.device("cuda")), 1.0, *norms, eps)
+        q_THD = norm_rotate_cache(qkv_TC, positions_T, slots_T, k_cache, v_cache, spec,
+                                  rotary.inv_freq_on(torch.device("cuda")), 1.0, *norms, eps)
         ours = (q_THD, k_cache.view(-1, kv_heads, head_dim)[slots_T], v_cache.view(-1, kv_heads, head_dim)[slots_T])
-        eager = _eager_decode_qkv(qkv_TC, positions_T, q_w, k_w, spec, rotary, eps)
+        eager = _eager_qkv_cache(qkv_TC, positions_T, q_w, k_w, spec, rotary, eps)
         assert torch.equal(ours[2], eager[2])  # v: clipped at most, bit for bit
         if dtype == torch.float32:
             for mine, ref in zip(ours, eager):
                 torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
             continue
-        exact = _eager_decode_qkv(qkv_TC.float(), positions_T, q_w.float(), k_w.float(), spec, rotary, eps)
+        exact = _eager_qkv_cache(qkv_TC.float(), positions_T, q_w.float(), k_w.float(), spec, rotary, eps)
         for mine, ref, truth in zip(ours[:2], eager[:2], exact[:2]):
             torch.testing.assert_close(mine.float(), ref.float(), rtol=1.6e-2, atol=1.6e-2)
             assert (mine.float() - truth).abs().mean() <= 1.1 * (ref.float() - truth).abs().mean()
+
+
+def test_elementwise_kernels_match_eager_ops():
+    """The Triton norm, SwiGLU and k-weighted sum against the eager torch ops they stand in for: fp32
+    to rounding, bf16 close and no less accurate than the eager bf16 ops (both against fp32)."""
+    from moetier.kernels import moe_elementwise, rms_norm
+    from moetier.moe.dispatch import _weighted_k_sum
+    from moetier.models.norm import add_rms_norm
+
+    torch.manual_seed(0)
+    x32, residual32, weight32 = torch.randn(300, 2048, device="cuda"), torch.randn(300, 2048, device="cuda"), torch.rand(2048, device="cuda") + 0.5
+    gate_up32, out32, weights_TK = torch.randn(300, 2 * 768, device="cuda") * 3, torch.randn(40 * 8, 2048, device="cuda"), torch.rand(40, 8, device="cuda")
+    silu_mul = lambda t: torch.nn.functional.silu(t[:, :768]) * t[:, 768:]  # noqa: E731
+    cases = [  # (kernel, eager reference, fp32 inputs)
+        (lambda x, r, w: rms_norm.rms_norm(x, w, 1e-6, r), lambda x, r, w: add_rms_norm.__wrapped__(x, r, w, 1e-6), (x32, residual32, weight32)),
+        (moe_elementwise.silu_mul, silu_mul, (gate_up32,)),
+        (lambda o: moe_elementwise.weighted_k_sum(o, weights_TK), lambda o: _weighted_k_sum(o, weights_TK), (out32,)),
+    ]
+    for kernel, eager, inputs32 in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            inputs = [t.to(dtype) for t in inputs32]
+            ours, ref = kernel(*inputs), eager(*inputs)
+            ours, ref, exact = (t if isinstance(t, tuple) else (t,) for t in (ours, ref, eager(*[t.float() for t in inputs])))
+            for mine, theirs, best in zip(ours, ref, exact):
+                if dtype == torch.float32:
+                    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+                else:
+                    torch.testing.assert_close(mine.float(), theirs.float(), rtol=1.6e-2, atol=1.6e-2)
+                    assert (mine.float() - best).abs().mean() <= 1.1 * (theirs.float() - best).abs().mean() + 1e-9
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

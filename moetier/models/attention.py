@@ -8,7 +8,7 @@ Shapes: T flat tokens, H query heads, K kv heads, D head dim.
 import torch
 
 from moetier.engine.batch import ForwardBatch
-from moetier.kernels import decode_qkv, paged_decode
+from moetier.kernels import paged_decode, qkv_cache
 from moetier.models import paged_attention
 from moetier.models.linear import linear
 from moetier.models.norm import RMSNorm
@@ -58,31 +58,15 @@ class GQAAttention(torch.nn.Module):
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
         spec = self.spec
-        if self.qkv_weight is not None:
-            qkv_TC = linear(x_TD, self.qkv_weight, self.qkv_bias)
-            if batch.decode is not None and decode_qkv.supported(qkv_TC, spec):
-                return self._decode_fused(qkv_TC, batch, kv_cache)
-            sizes = [spec.num_heads * spec.head_dim] + [spec.num_kv_heads * spec.head_dim] * 2
-            q, k, v = qkv_TC.split(sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
-        if spec.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if spec.clip_qkv is not None:
-            q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
-        q_THD = q.unflatten(-1, (spec.num_heads, spec.head_dim))
-        k_TKD = k.unflatten(-1, (spec.num_kv_heads, spec.head_dim))
-        v_TKD = v.unflatten(-1, (spec.num_kv_heads, spec.head_dim))
-        if spec.qk_norm == "head":
-            q_THD, k_TKD = self.q_norm(q_THD), self.k_norm(k_TKD)
-        q_THD, k_TKD = self.rotary.rotate_qk(q_THD, k_TKD, batch.positions_T)
-
+        q_THD = self._rotated_q_kv_cached(x_TD, batch, kv_cache)
         k_cache, v_cache = kv_cache
-        paged_attention.write_kv(k_cache, batch.slot_mapping_T, k_TKD)
-        paged_attention.write_kv(v_cache, batch.slot_mapping_T, v_TKD)
-        if batch.decode is not None:
-            return self._decode_attend(q_THD, batch, kv_cache)
         sinks_H = self.sinks if spec.sinks else None
+        if batch.decode is not None:
+            out_THD = paged_decode.paged_decode(
+                q_THD, k_cache, v_cache, batch.decode.block_tables_BM, batch.decode.ctx_lens_B,
+                spec.softmax_scale, self.sliding_window, sinks_H,
+            )
+            return linear(out_THD.flatten(1), self.o_proj.weight, self.o_proj.bias)
         out_THD = torch.empty_like(q_THD)
         for seq in batch.seqs:
             rows = slice(seq.q_start, seq.q_start + seq.q_len)
@@ -97,20 +81,34 @@ class GQAAttention(torch.nn.Module):
             )
         return linear(out_THD.flatten(1), self.o_proj.weight, self.o_proj.bias)
 
-    def _decode_fused(self, qkv_TC: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Decode on the GPU: norms, clipping, rotary and the cache writes in one kernel."""
-        norms = (self.q_norm.weight, self.k_norm.weight) if self.spec.qk_norm != "none" else (None, None)
-        eps = self.q_norm.eps if self.spec.qk_norm != "none" else 0.0
-        q_THD = decode_qkv.decode_qkv(
-            qkv_TC, batch.positions_T, batch.slot_mapping_T, kv_cache[0], kv_cache[1], self.spec,
-            self.rotary.inv_freq_on(qkv_TC.device), self.rotary.attention_scaling, *norms, eps,
-        )
-        return self._decode_attend(q_THD, batch, kv_cache)
-
-    def _decode_attend(self, q_THD: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        sinks_H = self.sinks if self.spec.sinks else None
-        out_THD = paged_decode.paged_decode(
-            q_THD, kv_cache[0], kv_cache[1], batch.decode.block_tables_BM, batch.decode.ctx_lens_B,
-            self.spec.softmax_scale, self.sliding_window, sinks_H,
-        )
-        return linear(out_THD.flatten(1), self.o_proj.weight, self.o_proj.bias)
+    def _rotated_q_kv_cached(self, x_TD: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, ...]
+                             ) -> torch.Tensor:
+        """Projections, q/k norms, clipping and rotary; writes the new K and V into the cache and
+        returns q [T, H, D]. On the GPU everything after the projection is one kernel."""
+        spec = self.spec
+        if self.qkv_weight is not None:
+            qkv_TC = linear(x_TD, self.qkv_weight, self.qkv_bias)
+            if qkv_cache.supported(qkv_TC, spec):
+                norms = (self.q_norm.weight, self.k_norm.weight) if spec.qk_norm != "none" else (None, None)
+                eps = self.q_norm.eps if spec.qk_norm != "none" else 0.0
+                return qkv_cache.norm_rotate_cache(
+                    qkv_TC, batch.positions_T, batch.slot_mapping_T, kv_cache[0], kv_cache[1], spec,
+                    self.rotary.inv_freq_on(qkv_TC.device), self.rotary.attention_scaling, *norms, eps,
+                )
+            sizes = [spec.num_heads * spec.head_dim] + [spec.num_kv_heads * spec.head_dim] * 2
+            q, k, v = qkv_TC.split(sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
+        if spec.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if spec.clip_qkv is not None:
+            q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
+        q_THD = q.unflatten(-1, (spec.num_heads, spec.head_dim))
+        k_TKD = k.unflatten(-1, (spec.num_kv_heads, spec.head_dim))
+        v_TKD = v.unflatten(-1, (spec.num_kv_heads, spec.head_dim))
+        if spec.qk_norm == "head":
+            q_THD, k_TKD = self.q_norm(q_THD), self.k_norm(k_TKD)
+        q_THD, k_TKD = self.rotary.rotate_qk(q_THD, k_TKD, batch.positions_T)
+        paged_attention.write_kv(kv_cache[0], batch.slot_mapping_T, k_TKD)
+        paged_attention.write_kv(kv_cache[1], batch.slot_mapping_T, v_TKD)
+        return q_THD

@@ -2,6 +2,7 @@
 
 import torch
 
+from moetier.kernels import rms_norm as triton_norm
 from moetier.kernels.fuse import fused
 
 
@@ -28,7 +29,12 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_norm.supported(x, self.weight):
+            return triton_norm.rms_norm(x, self.weight, self.eps)[1]
         return rms_norm(x, self.weight, self.eps)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, the norm of that); on the GPU one Triton kernel for rows of hidden states."""
+        if triton_norm.supported(x, self.weight):
+            return triton_norm.rms_norm(x, self.weight, self.eps, residual)
         return add_rms_norm(x, residual, self.weight, self.eps)

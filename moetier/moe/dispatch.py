@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moetier.kernels import moe_elementwise
 from moetier.kernels.fuse import fused
 from moetier.moe.router import Routing
 
@@ -65,4 +66,11 @@ def _weighted_k_sum(out_AD, topk_weights_TK):
     return y_TD
 
 
-weighted_k_sum = fused(_weighted_k_sum)
+_weighted_k_sum_fused = fused(_weighted_k_sum)
+
+
+def weighted_k_sum(out_AD: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+    """Each token's K expert outputs (rows t*K + k), weighted and summed in k order: [A, D] -> [T, D]."""
+    if moe_elementwise.supported(out_AD):
+        return moe_elementwise.weighted_k_sum(out_AD, topk_weights_TK)
+    return _weighted_k_sum_fused(out_AD, topk_weights_TK)

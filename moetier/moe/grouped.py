@@ -12,7 +12,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from moetier.kernels import expert_gemv
+from moetier.kernels import expert_gemv, moe_elementwise
 from moetier.kernels.fuse import fused
 from moetier.models.spec import MoESpec
 from moetier.moe.dispatch import Dispatch
@@ -35,8 +35,14 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device) -> bool:
         return False
 
 
-@fused
 def _activation(gate_up_A2F: torch.Tensor, spec: MoESpec) -> torch.Tensor:
+    if spec.activation == "silu" and moe_elementwise.supported(gate_up_A2F):
+        return moe_elementwise.silu_mul(gate_up_A2F)
+    return _activation_fused(gate_up_A2F, spec)
+
+
+@fused
+def _activation_fused(gate_up_A2F: torch.Tensor, spec: MoESpec) -> torch.Tensor:
     gate_AF, up_AF = gate_up_A2F.chunk(2, dim=-1)
     if spec.activation == "silu":
         return F.silu(gate_AF) * up_AF

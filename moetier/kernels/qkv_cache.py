@@ -1,10 +1,11 @@
-"""A decode step's q/k/v after their projection, in one Triton kernel: q/k RMSNorm (per head or over
-all heads), qkv clipping, rotary at each token's position, and the new K and V written to their
-cache slots; q comes back rotated.
+"""A step's q/k/v after their projection, in one Triton kernel: q/k RMSNorm (per head or over all
+heads), qkv clipping, rotary at each token's position, and the new K and V written to their cache
+slots; q comes back rotated. Decode and prefill both use it on the GPU.
 
 In torch these are six to eight launches of 1-2 us per layer (two norms, two rotaries, two cache
-writes), a sixth of a batch-1 step of the Qwen3-30B-A3B shape. One program per (token, part) with
-part q, k or v holds that part's heads. Rounding follows the eager torch ops step by step (norm in
+writes), a sixth of a batch-1 decode step of the Qwen3-30B-A3B shape; eager prefill pays each
+torch.compile'd call's 150-300 us of host time instead. One program per (token, part) with part q,
+k or v holds that part's heads. Rounding follows the eager torch ops step by step (norm in
 fp32, then each product and sum rounded to the model dtype); cos/sin are the accurate (libdevice) ones, as torch's.
 Legend: T tokens, H query heads, K kv heads, D head dim, C = (H + 2K) * D.
 """
@@ -29,7 +30,7 @@ if triton is not None:
         return (w * (x * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
 
     @triton.jit
-    def _decode_qkv_kernel(
+    def _qkv_cache_kernel(
         qkv_ptr, positions_ptr, slots_ptr, inv_freq_ptr, q_norm_ptr, k_norm_ptr,
         q_out_ptr, k_cache_ptr, v_cache_ptr,
         stride_qkv, stride_cache_slot, num_heads, num_kv_heads, eps, rope_scaling, clip,
@@ -92,7 +93,7 @@ def supported(qkv_TC: torch.Tensor, spec: AttentionSpec) -> bool:
     return triton is not None and qkv_TC.is_cuda and spec.kind == "gqa"
 
 
-def decode_qkv(qkv_TC: torch.Tensor, positions_T: torch.Tensor, slot_mapping_T: torch.Tensor,
+def norm_rotate_cache(qkv_TC: torch.Tensor, positions_T: torch.Tensor, slot_mapping_T: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, spec: AttentionSpec, inv_freq_R: torch.Tensor,
                rope_scaling: float, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
                eps: float) -> torch.Tensor:
@@ -108,7 +109,7 @@ def decode_qkv(qkv_TC: torch.Tensor, positions_T: torch.Tensor, slot_mapping_T: 
     k_norm_w = k_norm_w if k_norm_w is not None else inv_freq_R
     if num_tokens:
         block_h, block_d = triton.next_power_of_2(max(h, kv)), triton.next_power_of_2(d)
-        _decode_qkv_kernel[(num_tokens, 3)](
+        _qkv_cache_kernel[(num_tokens, 3)](
             qkv_TC, positions_T, slot_mapping_T, inv_freq_R, q_norm_w, k_norm_w,
             q_THD, k_cache, v_cache,
             qkv_TC.stride(0), k_cache.stride(1), h, kv, eps, rope_scaling, spec.clip_qkv or 0.0,

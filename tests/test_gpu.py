@@ -195,8 +195,8 @@ def test_elementwise_kernels_match_eager_ops():
             for mine, theirs, best in zip(ours, ref, exact):
                 if dtype == torch.float32:
                     torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
-                else:
-                    torch.testing.assert_close(mine.float(), theirs.float(), rtol=1.6e-2, atol=1.6e-2)
+                else:  # a partial sum rounded the other way is an ulp at its size (up to ~8 here)
+                    torch.testing.assert_close(mine.float(), theirs.float(), rtol=1.6e-2, atol=6.3e-2)
                     assert (mine.float() - best).abs().mean() <= 1.1 * (theirs.float() - best).abs().mean() + 1e-9
 
 

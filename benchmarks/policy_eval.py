@@ -16,8 +16,8 @@ Per policy and phase (b1: 1-token steps, b8: 2-16 tokens, pf: more), per layer s
 the SlotPlanner; `serialized` copies, those whose slot was last read by the compute of the same layer
 step that waits for the copies issued just before them (the copy engine idles through that compute),
 and `gaps`, the rounds that begin with such a copy. `order` "serial" plans round r + 1 after round r
-computes (before 2026-11-23); "ahead" plans it before, beside round r's experts (the executor's
-`_compute_in_rounds` now). Hit rates do not depend on the executor's split of the first round.
+computes (the executor's `_compute_in_rounds`); "ahead" plans it before, beside round r's experts (a
+study: branch stream-rounds). Hit rates do not depend on the executor's split of the first round.
 """
 
 import argparse

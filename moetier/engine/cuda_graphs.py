@@ -115,7 +115,7 @@ class DecodeGraphs:
         size = next(b for b in self.buckets if b >= n)
         block_size = self.kv_cache.block_size
         width = self.tables.shape[1]
-        max_batch = self.buckets[-1]
+        max_batch = self.max_batch
         ids_B, positions_B, slots_B = self.host64[:, :size].numpy()
         ctx_B = self.host32[:size].numpy()
         tables_BW = self.host32[max_batch : max_batch + size * width].view(size, width).numpy()

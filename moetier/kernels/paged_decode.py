@@ -2,12 +2,12 @@
 
 Split-K ("flash decoding"): grid (sequence, kv head, split); each program runs an online softmax
 over its share of the context for the G query heads of one kv head, and a second kernel merges
-the splits (and the attention sinks, if any) into the output, one program per (sequence, head). No host sync, so it runs inside CUDA graphs.
+the splits (and the attention sinks, if any) into the output, one program per (sequence, head).
+No host sync, so it runs inside CUDA graphs.
 Legend: B sequences, H query heads, K kv heads, G = H / K, D head dim, N cache blocks, P splits.
 """
 
 import torch
-
 
 try:
     import triton
@@ -102,8 +102,6 @@ if triton is not None:
 
 _TARGET_PROGRAMS = 256  # about two per SM on an H100
 _TILE_TOKENS = 64  # context tokens per loop iteration (several cache blocks)
-
-
 
 
 def _next_pow2(n: int) -> int:

@@ -34,18 +34,17 @@ def _dispatch(x_TD, topk_ids_TK, num_slots: int, slot_of_expert_E):
     slots_A = topk_ids_TK.reshape(-1)
     if slot_of_expert_E is not None:
         slots_A = slot_of_expert_E[slots_A]
-    return group_by_slot(x_TD, slots_A, None, num_slots, topk_ids_TK.shape[1])
+    return group_by_slot(x_TD, slots_A, num_slots, topk_ids_TK.shape[1])
 
 
-def group_by_slot(x_TD, slots_R, rows_R, num_slots: int, top_k: int):
-    """Assignment rows (t*K + k; rows_R None: every assignment, in order) grouped by their slots,
-    stable, so rows keep ascending order within a slot: (rows, sorted slots, x rows, counts, ends)."""
-    slots_sorted_R, order_R = torch.sort(slots_R, stable=True)
-    assignments_R = order_R if rows_R is None else rows_R[order_R]
+def group_by_slot(x_TD, slots_A, num_slots: int, top_k: int):
+    """Assignment rows (t*K + k) grouped by their slots, stable, so rows keep ascending order within a
+    slot: (rows, sorted slots, x rows, counts, ends)."""
+    slots_sorted_A, order_A = torch.sort(slots_A, stable=True)
     counts_S = torch.zeros(num_slots, dtype=torch.int32, device=x_TD.device)
-    counts_S.index_add_(0, slots_R, torch.ones_like(slots_R, dtype=torch.int32))
+    counts_S.index_add_(0, slots_A, torch.ones_like(slots_A, dtype=torch.int32))
     ends_S = torch.cumsum(counts_S, dim=0, dtype=torch.int32)
-    return assignments_R, slots_sorted_R, x_TD[assignments_R // top_k], counts_S, ends_S
+    return order_A, slots_sorted_A, x_TD[order_A // top_k], counts_S, ends_S
 
 
 def combine(out_sorted_AD: torch.Tensor, plan: Dispatch, routing: Routing) -> torch.Tensor:

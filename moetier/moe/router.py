@@ -71,12 +71,12 @@ class Router(torch.nn.Module):
             self.e_score_correction_bias = torch.nn.Parameter(torch.zeros(spec.num_experts, dtype=torch.float32))
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        bias = self.bias if self.spec.bias else None
-        if self.spec.fp32_logits:
+        spec = self.spec
+        bias = self.bias if spec.bias else None
+        if spec.fp32_logits:
             logits_TE = F.linear(x_TD.float(), self.weight.float(), None if bias is None else bias.float())
         else:
             logits_TE = linear(x_TD, self.weight, bias)
-        spec = self.spec
         if router_topk.supported(logits_TE, spec.scoring, spec.num_groups, spec.correction_bias):
             return Routing(*router_topk.softmax_topk(logits_TE, spec.top_k, spec.scoring == "softmax",
                                                      spec.norm_topk, spec.routed_scaling))

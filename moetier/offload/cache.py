@@ -41,21 +41,24 @@ class EvictionPolicy(ABC):
         """`expert` gave up its slot."""
 
 
-def least_recent(heap: list[tuple], resident: Collection[ExpertId], last_use: Mapping[ExpertId, int],
-                 protected: Collection[ExpertId]) -> ExpertId | None:
-    """The top of a lazy heap of (last use, ..., expert) entries that is resident, used last at that
-    entry's time and not protected: stale entries (evicted since, or used again later) are dropped,
-    protected ones set aside and put back."""
+def lazy_heap_top(heap: list[tuple], current: Callable[[tuple], tuple | None], expert_at: int,
+                  protected: Collection[ExpertId]) -> ExpertId | None:
+    """The expert of the least valid entry of a lazy heap, not protected. `current(entry)` is the
+    entry that stands for its expert now: the entry itself while valid, a re-keyed one, or None when
+    it is stale; stale entries are dropped or replaced as they surface, protected ones set aside
+    and put back. The expert sits at index `expert_at` of an entry."""
     skipped, found = [], None
     while heap:
         entry = heap[0]
-        use, expert = entry[0], entry[-1]
-        if expert not in resident or use != last_use.get(expert, 0):
+        now = current(entry)
+        if now is None:
             heapq.heappop(heap)
-        elif expert in protected:
+        elif now is not entry:
+            heapq.heapreplace(heap, now)
+        elif entry[expert_at] in protected:
             skipped.append(heapq.heappop(heap))
         else:
-            found = expert
+            found = entry[expert_at]
             break
     for entry in skipped:
         heapq.heappush(heap, entry)
@@ -89,7 +92,12 @@ class LRU(EvictionPolicy):
         self._resident.discard(expert)  # its heap entries go stale
 
     def choose(self, resident: Resident, protected: Collection[ExpertId]) -> ExpertId | None:
-        return least_recent(self._heap, self._resident, self.last_use, protected)
+        # an entry (last use, expert) is stale once its expert left or was used again
+        def current(entry: tuple) -> tuple | None:
+            use, expert = entry
+            return entry if expert in self._resident and use == self.last_use.get(expert, 0) else None
+
+        return lazy_heap_top(self._heap, current, -1, protected)
 
 
 class LFU(EvictionPolicy):
@@ -343,24 +351,8 @@ class LayerAware(EvictionPolicy):
     def _least(self, heap: list[tuple], members: Collection[ExpertId], protected: Collection[ExpertId]
                ) -> ExpertId | None:
         """The heap's least record among `members` not protected: entries of non-members are dropped,
-        stale ones re-keyed (a use replaces the record by a greater one), protected ones set aside and
-        put back."""
-        skipped, found = [], None
-        while heap:
-            entry = heap[0]
-            expert = entry[3]
-            if expert not in members:
-                heapq.heappop(heap)
-            elif entry is not self.uses[expert]:
-                heapq.heapreplace(heap, self.uses[expert])
-            elif expert in protected:
-                skipped.append(heapq.heappop(heap))
-            else:
-                found = expert
-                break
-        for entry in skipped:
-            heapq.heappush(heap, entry)
-        return found
+        stale ones re-keyed (a use replaces the record by a greater one)."""
+        return lazy_heap_top(heap, lambda entry: self.uses[entry[3]] if entry[3] in members else None, 3, protected)
 
 
 def first_experts(moe_layers: Iterable[int], num_experts: int, count: int) -> list[ExpertId]:

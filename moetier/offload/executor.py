@@ -311,7 +311,7 @@ class OffloadedExecutor:
         else:
             top_k = routing.topk_ids_TK.shape[1]
             order_A, slots_sorted_A, x_sorted_AD, counts_S1, ends_S1 = group_by_slot(
-                x_TD, slots_A, None, num_slots + 1, top_k)
+                x_TD, slots_A, num_slots + 1, top_k)
             # The clamp keeps the left-out rows' bias reads (gpt-oss) inside the pool.
             plan = Dispatch(order_A, slots_sorted_A.clamp(max=num_slots - 1), x_sorted_AD, counts_S1[:-1],
                             ends_S1[:-1])

@@ -8,8 +8,9 @@ the executor's counters: miss bytes, copy efficiency against the calibrated pinn
 prediction precision), then profiles a few steps with torch.profiler, takes the host-to-device
 expert copies (the large ones) off the timeline and splits every idle stretch between two copies
 into: the GPU finishing the work that the routing read waits for (from the end of the last copy to
-the end of the host's stream sync), the host planning and issuing (sync end to the launch of the
-next copy), and launch latency (launch to the copy's start). Prints one JSON object per line.
+the last kernel or routing copy before the host's stream sync returns; then the sync's wake-up), the
+host planning and issuing (sync end to the launch of the next copy, with the host ops in that stretch
+by name), and launch latency (launch to the copy's start). Prints one JSON object per line.
 """
 
 import argparse
@@ -38,32 +39,49 @@ def copy_gaps(trace: dict, steps: int) -> dict:
     launches = {e["args"].get("correlation"): e for e in events
                 if e.get("cat") == "cuda_runtime" and "Memcpy" in e.get("name", "")}
     syncs = sorted(e["ts"] + e["dur"] for e in events if e.get("cat") == "cuda_runtime" and "Synchronize" in e.get("name", ""))
+    # GPU work on the compute side: kernels and the routing's device-to-host copies
+    gpu_ends = sorted(e["ts"] + e["dur"] for e in events
+                      if e.get("cat") == "kernel" or (e.get("cat") == "gpu_memcpy" and "DtoH" in e.get("name", "")))
+    host_ops = [e for e in events if e.get("cat") in ("cpu_op", "python_function", "cuda_runtime")]
     busy = sum(c["dur"] for c in copies)
     span = copies[-1]["ts"] + copies[-1]["dur"] - copies[0]["ts"] if copies else 0.0
-    gpu_wait = host = launch = late = 0.0
-    gaps = 0
+    gpu_wait = wake = host = launch = late = 0.0
+    gaps, host_by_op, lengths = 0, {}, []
     for before, after in zip(copies, copies[1:]):
         end, start = before["ts"] + before["dur"], after["ts"]
         if start - end < 5.0:  # back to back (us)
             continue
         gaps += 1
+        lengths.append(start - end)
         issued = launches.get(after["args"].get("correlation"))
         issued_at = issued["ts"] if issued else start
         woke = [t for t in syncs if end <= t <= issued_at]
         if not woke:  # issued before the last copy ended, or with no routing read between: host-side
             late += start - end
             continue
-        gpu_wait += woke[-1] - end
+        worked = [t for t in gpu_ends if end <= t <= woke[-1]]
+        gpu_done = worked[-1] if worked else end
+        gpu_wait += gpu_done - end
+        wake += woke[-1] - gpu_done
         host += issued_at - woke[-1]
         launch += start - issued_at
+        for op in host_ops:  # top-level-ish: ops that start in the host stretch
+            if woke[-1] <= op["ts"] < issued_at:
+                host_by_op[op["name"]] = host_by_op.get(op["name"], 0.0) + op["dur"]
     per_step = 1e-3 / steps  # us -> ms per step
+    lengths.sort(reverse=True)
     return {"expert_copies_per_step": len(copies) / steps,
             "copy_busy_ms_per_step": round(busy * per_step, 3), "copy_span_ms_per_step": round(span * per_step, 3),
             "busy_fraction": round(busy / span, 3) if span else None, "gaps_per_step": gaps / steps,
-            "gap_gpu_until_routing_read_ms": round(gpu_wait * per_step, 3),
+            "gap_gpu_work_after_copy_ms": round(gpu_wait * per_step, 3),
+            "gap_sync_wake_ms": round(wake * per_step, 3),
             "gap_host_plan_and_issue_ms": round(host * per_step, 3),
             "gap_launch_latency_ms": round(launch * per_step, 3),
-            "gap_other_ms": round(late * per_step, 3)}
+            "gap_other_ms": round(late * per_step, 3),
+            "largest_gaps_us": [round(x) for x in lengths[: 2 * steps]],
+            # host ops (under the profiler, so inflated) in the stretch from routing read to next copy
+            "host_ops_us_per_step": {name: round(us / steps) for name, us in
+                                     sorted(host_by_op.items(), key=lambda kv: -kv[1])[:14]}}
 
 
 def set_routing(engine, routing: str) -> None:

@@ -152,12 +152,20 @@ def test_refill_without_reader_event_is_caught(qwen3):
 
 # --- rounds on their own: any split is one pass's bits, read from the device only ------------
 
-def _gemv_reference(x_TD: torch.Tensor, slots_A: torch.Tensor, bank: ExpertBank) -> torch.Tensor:
-    """gemv_experts in plain torch (its Triton kernel runs on CUDA only): row t*K + k."""
+def _gemv_reference(x_TD: torch.Tensor, slots_A: torch.Tensor, bank: ExpertBank,
+                    out_AD: torch.Tensor | None = None) -> torch.Tensor:
+    """gemv_experts in plain torch (its Triton kernel runs on CUDA only): row t*K + k, rows of slot -1
+    left as they are."""
     top_k = slots_A.shape[0] // x_TD.shape[0]
     x_AD1 = x_TD.repeat_interleave(top_k, dim=0)[:, :, None]
-    gate_AF, up_AF = (bank.parts["gate_up"][slots_A] @ x_AD1)[..., 0].chunk(2, dim=-1)
-    return (bank.parts["down"][slots_A] @ (F.silu(gate_AF) * up_AF)[:, :, None])[..., 0]
+    live_A = slots_A >= 0
+    read_A = slots_A.clamp(min=0)
+    gate_AF, up_AF = (bank.parts["gate_up"][read_A] @ x_AD1)[..., 0].chunk(2, dim=-1)
+    y_AD = (bank.parts["down"][read_A] @ (F.silu(gate_AF) * up_AF)[:, :, None])[..., 0]
+    if out_AD is None:
+        return y_AD
+    out_AD.copy_(torch.where(live_A[:, None], y_AD, out_AD))
+    return out_AD
 
 
 def _round_case(kernel: str, tokens: int, seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -189,9 +197,9 @@ def test_rounds_equal_one_pass_bitwise(kernel, tokens, bias, monkeypatch):
     and the k-ordered sum is the one-pass compute's, bit for bit."""
     read_S = []
 
-    def gemv(x_TD, slots_A, bank):
-        read_S.append(set(slots_A.tolist()))
-        return _gemv_reference(x_TD, slots_A, bank)
+    def gemv(x_TD, slots_A, bank, out_AD=None):
+        read_S.append(set(slots_A.tolist()) - {-1})
+        return _gemv_reference(x_TD, slots_A, bank, out_AD)
 
     monkeypatch.setattr(executor_module, "gemv_experts", gemv)
     for seed in range(6):
@@ -212,6 +220,32 @@ def test_rounds_equal_one_pass_bitwise(kernel, tokens, bias, monkeypatch):
             if kernel == "gemv":
                 assert read_S.pop() <= {executor.planner.slot_of[ExpertId(0, e)] for e in experts}
         assert torch.equal(weighted_k_sum(out_AD, routing.topk_weights_TK), expected_TD)
+
+
+def test_decode_sized_steps_are_bitwise_resident_through_the_gemv(qwen3, monkeypatch):
+    """The GEMV paths (CUDA-only kernel, its torch reference here, resident and offloaded alike): steps
+    whose experts do not fit run in rounds, each GEMV skipping the other rounds' rows (slot -1). Late
+    copies, 1 to 12 slots."""
+    from moetier.moe import executor as resident_module
+
+    monkeypatch.setattr(executor_module, "gemv_experts", _gemv_reference)
+    monkeypatch.setattr(resident_module, "gemv_experts", _gemv_reference)
+    prompts = [[5, 17, 42], [300, 4]]  # prefills of GEMV size, then 2-sequence decode
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    resident = LLM(qwen3, dtype="float32", max_model_len=128)
+    resident.engine.executor.gemv = True
+    expected = [out.token_ids for out in resident.generate(prompts, params)], resident.score(prompts[0])
+    rounds_of = []
+    for slots in (1, 3, 6, 12):
+        llm, engine = _offloaded(qwen3, slots)
+        executor = llm.engine.executor
+        executor.gemv = True
+        compute_round = executor._compute_round
+        monkeypatch.setattr(executor, "_compute_round", lambda *args: rounds_of.append(slots) or compute_round(*args))
+        got = [out.token_ids for out in llm.generate(prompts, params)], llm.score(prompts[0])
+        assert got[0] == expected[0] and torch.equal(got[1], expected[1]), f"{slots} slots"
+        assert engine.violations == []
+    assert set(rounds_of) == {1, 3, 6, 12}  # every pool size went through rounds
 
 
 @pytest.mark.parametrize("kernel,tokens", [("grouped", 9), ("gemv", 3)])

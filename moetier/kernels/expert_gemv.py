@@ -3,7 +3,9 @@
 For a handful of tokens, grouping by expert (sort, offsets, grouped GEMM) costs more than it saves:
 each assignment's expert is read once anyway. This kernel needs no dispatch at all: program
 (a, n-block) computes rows n of W[slot[a]] @ x[token[a]], optionally applying the SwiGLU
-activation to a [gate | up] input as it loads it. Accumulation is fp32.
+activation to a [gate | up] input as it loads it. Accumulation is fp32. An assignment whose slot is
+negative is skipped, its output row left as it was: an offloaded layer computes its experts in
+rounds, as their copies land, into one output.
 Legend: A assignments, N output rows, K input features, S slots.
 """
 
@@ -27,6 +29,8 @@ if triton is not None:
         a = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         slot = 0 if DENSE else tl.load(slot_ptr + a).to(tl.int64)
+        if slot < 0:  # not this round's
+            return
         x_row = x_ptr + (a // rows_per_input).to(tl.int64) * stride_x
         w_rows = w_ptr + slot * stride_ws + n[:, None].to(tl.int64) * stride_wn
         acc = tl.zeros([BLOCK_N], tl.float32)
@@ -53,13 +57,16 @@ _TILES = {False: (8, 4, 1), True: (4, 2, 3)}
 
 
 def expert_gemv(x_RK: torch.Tensor, w_SNK: torch.Tensor, slots_A: torch.Tensor, rows_per_input: int,
-                swiglu: bool = False) -> torch.Tensor:
-    """out[a] = W[slots[a]] @ input(x[a // rows_per_input]) -> [A, N]; input is silu(gate)*up if swiglu."""
+                swiglu: bool = False, out_AN: torch.Tensor | None = None) -> torch.Tensor:
+    """out[a] = W[slots[a]] @ input(x[a // rows_per_input]) -> [A, N], for the rows whose slot is not
+    negative (into out_AN if given); input is silu(gate)*up if swiglu."""
     num_assignments = slots_A.shape[0]
     n, k = w_SNK.shape[1], w_SNK.shape[2]
     assert w_SNK.stride(2) == 1 and x_RK.stride(-1) == 1, "rows must be contiguous"
     assert x_RK.shape[-1] == (2 * k if swiglu else k)
-    out_AN = torch.empty(num_assignments, n, dtype=x_RK.dtype, device=x_RK.device)
+    if out_AN is None:
+        out_AN = torch.empty(num_assignments, n, dtype=x_RK.dtype, device=x_RK.device)
+    assert out_AN.shape == (num_assignments, n) and out_AN.stride(1) == 1
     block_n, warps, stages = _TILES[swiglu]
     _expert_gemv_kernel[(num_assignments, triton.cdiv(n, block_n))](
         x_RK, w_SNK, slots_A, out_AN,

@@ -90,8 +90,11 @@ def gemv_supported(spec: MoESpec, device: torch.device) -> bool:
     return device.type == "cuda" and expert_gemv.triton is not None and spec.activation == "silu" and not spec.expert_bias
 
 
-def gemv_experts(x_TD: torch.Tensor, slots_A: torch.Tensor, bank: ExpertBank) -> torch.Tensor:
-    """Rows t*K + k: the k-th expert of token t applied to it. [T, D] -> [T*K, D]."""
+def gemv_experts(x_TD: torch.Tensor, slots_A: torch.Tensor, bank: ExpertBank,
+                 out_AD: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows t*K + k: the k-th expert of token t applied to it. [T, D] -> [T*K, D]. Rows whose slot is
+    negative are skipped (left as they are in out_AD, if given)."""
     top_k = slots_A.shape[0] // x_TD.shape[0]
     gate_up_A2F = expert_gemv.expert_gemv(x_TD, bank.parts["gate_up"], slots_A, rows_per_input=top_k)
-    return expert_gemv.expert_gemv(gate_up_A2F, bank.parts["down"], slots_A, rows_per_input=1, swiglu=True)
+    return expert_gemv.expert_gemv(gate_up_A2F, bank.parts["down"], slots_A, rows_per_input=1, swiglu=True,
+                                   out_AN=out_AD)

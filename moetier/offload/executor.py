@@ -298,26 +298,24 @@ class OffloadedExecutor:
                        out_AD: torch.Tensor) -> None:
         """The assignments of `experts` through their slots, written to their rows of out_AD; the other
         rows are left as they are. No host sync (no size that depends on the routing): the other rows
-        go to slot S, past the pool, and are computed through a slot of this round (GEMV) or grouped
-        last, where the grouped kernel's offsets leave them out; a select keeps this round's rows."""
+        go to slot -1, which the GEMV skips, or to slot S, past the pool, grouped last, where the grouped
+        kernel's offsets leave them out, and a select keeps this round's rows."""
         bank, num_slots = self.pool.bank, self.pool.num_slots
+        gemv = self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS
         slots = [self.planner.slot_of[ExpertId(layer, e)] for e in experts]
-        round_slot_E = torch.full((self.spec.num_experts,), num_slots)
+        round_slot_E = torch.full((self.spec.num_experts,), -1 if gemv else num_slots)
         round_slot_E[experts] = torch.tensor(slots)
         slots_A = _on_device(round_slot_E, x_TD.device)[routing.topk_ids_TK.reshape(-1)]
-        in_round_A = slots_A < num_slots
-        if self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS:
-            y_AD = gemv_experts(x_TD, torch.where(in_round_A, slots_A, slots[0]), bank)
-        else:
-            top_k = routing.topk_ids_TK.shape[1]
-            order_A, slots_sorted_A, x_sorted_AD, counts_S1, ends_S1 = group_by_slot(
-                x_TD, slots_A, num_slots + 1, top_k)
-            # The clamp keeps the left-out rows' bias reads (gpt-oss) inside the pool.
-            plan = Dispatch(order_A, slots_sorted_A.clamp(max=num_slots - 1), x_sorted_AD, counts_S1[:-1],
-                            ends_S1[:-1])
-            y_AD = torch.empty_like(out_AD)
-            y_AD[order_A] = self.kernel(plan, bank, self.spec)
-        out_AD.copy_(torch.where(in_round_A[:, None], y_AD, out_AD))
+        if gemv:  # the GEMV skips the rows of slot -1
+            gemv_experts(x_TD, slots_A, bank, out_AD)
+            return
+        top_k = routing.topk_ids_TK.shape[1]
+        order_A, slots_sorted_A, x_sorted_AD, counts_S1, ends_S1 = group_by_slot(x_TD, slots_A, num_slots + 1, top_k)
+        # The clamp keeps the left-out rows' bias reads (gpt-oss) inside the pool.
+        plan = Dispatch(order_A, slots_sorted_A.clamp(max=num_slots - 1), x_sorted_AD, counts_S1[:-1], ends_S1[:-1])
+        y_AD = torch.empty_like(out_AD)
+        y_AD[order_A] = self.kernel(plan, bank, self.spec)
+        out_AD.copy_(torch.where((slots_A < num_slots)[:, None], y_AD, out_AD))
 
     # --- stats ------------------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
+from moetier.models.linear import linear
 from moetier.moe.layer import MoELayer
 from moetier.moe.router import Router
 
@@ -46,7 +46,8 @@ class NextGatePredictor:
             return None
         router = self.routers[nxt]
         with torch.no_grad():
-            return torch.topk(F.linear(x_TD, router.weight), router.spec.top_k, dim=-1).indices
+            # at batch 1 the decode GEMV, as the router itself (cuBLAS costs more host time per call)
+            return torch.topk(linear(x_TD, router.weight), router.spec.top_k, dim=-1).indices
 
 
 def make_predictor(name: str, model: torch.nn.Module) -> Predictor | None:

@@ -241,7 +241,8 @@ def test_decode_sized_steps_are_bitwise_resident_through_the_gemv(qwen3, monkeyp
         executor = llm.engine.executor
         executor.gemv = True
         compute_round = executor._compute_round
-        monkeypatch.setattr(executor, "_compute_round", lambda *args: rounds_of.append(slots) or compute_round(*args))
+        monkeypatch.setattr(executor, "_compute_round",
+                            lambda *args, slots=slots, run=compute_round: rounds_of.append(slots) or run(*args))
         got = [out.token_ids for out in llm.generate(prompts, params)], llm.score(prompts[0])
         assert got[0] == expected[0] and torch.equal(got[1], expected[1]), f"{slots} slots"
         assert engine.violations == []

@@ -1,0 +1,100 @@
+"""Host time per MoE layer step of offloaded decode, by executor function, and a cProfile of a few steps.
+
+    python benchmarks/host_time_offload.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB \
+        [--routing synthetic:uniform] [--batch 1]
+
+Prefills one 512-token prompt per sequence, times 16 decode steps plainly, then 16 more with a
+perf_counter wrapper around the executor's stages (run, the routing read and its sync, planning and
+copies, compute, next-layer prefetch, the predictor) and the piecewise graphs' replay; prints their
+host microseconds per MoE layer step as one JSON line (the wrappers add ~1 us each), then a cProfile
+of 8 steps by self time. Where `run` minus the sync wait approaches the step time per layer, the
+host, not the copy engine, sets the pace.
+"""
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+from collections import defaultdict
+
+import torch
+
+from moetier import LLM, SamplingParams
+from moetier.trace.replay import replay_routing, routing_trace_for
+
+STEPS = 16
+
+
+def time_calls(owner, name: str, seconds: defaultdict) -> None:
+    """Replaces owner.name by a wrapper that adds its wall time to seconds[name]."""
+    call = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            seconds[name] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+
+
+def decode(engine, steps: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--gpu-memory", required=True)
+    parser.add_argument("--routing", default="router", help="router, replay:FILE or synthetic:KIND")
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=8,
+              max_num_batched_tokens=2048, gpu_memory=args.gpu_memory)
+    engine = llm.engine
+    if args.routing != "router":
+        replay_routing(engine, routing_trace_for(engine, args.routing))
+    executor = engine.executor
+    for prompt in torch.randint(0, engine.source.spec.vocab_size, (args.batch, 512)).tolist():
+        engine.add_request(prompt, SamplingParams(max_tokens=3 * STEPS + 12, ignore_eos=True))
+    for _ in range(args.batch + 8):  # the prefills and some decode steps
+        engine.step()
+    plain_s = decode(engine, STEPS)
+    seconds: defaultdict[str, float] = defaultdict(float)
+    for name in ("run", "_read_routing", "_plan_and_copy", "_compute_all", "_compute_in_rounds", "_prefetch_next",
+                 "_wait_for_copies", "_mark_read", "_score_guess"):
+        time_calls(executor, name, seconds)
+    time_calls(executor.planner, "access", seconds)
+    time_calls(executor.window, "measure", seconds)
+    time_calls(executor.window, "copies_start", seconds)
+    if executor.predictor is not None:
+        time_calls(executor.predictor, "predict", seconds)
+    time_calls(engine, "step", seconds)
+    time_calls(engine.runner.graphs, "_replay", seconds)
+    sync_before = executor.routing_sync_s
+    timed_s = decode(engine, STEPS)
+    layer_steps = STEPS * len(executor.moe_layers)
+    print(json.dumps({
+        "model": args.model, "routing": args.routing, "batch": args.batch, "num_slots": executor.pool.num_slots,
+        "step_ms_plain": round(plain_s * 1e3, 3), "step_ms_timed": round(timed_s * 1e3, 3),
+        "us_per_layer_step": {k: round(v / layer_steps * 1e6, 1) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])},
+        "sync_wait_us_per_layer": round((executor.routing_sync_s - sync_before) / layer_steps * 1e6, 1)}), flush=True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    decode(engine, 8)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(45)
+    print(text.getvalue())
+
+
+if __name__ == "__main__":
+    main()

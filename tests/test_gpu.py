@@ -241,6 +241,22 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
     # resident whole-step graphs
     ours, theirs = offloaded.generate(prompts, params), resident.generate(prompts, params)
     assert [(o.token_ids, o.logprobs) for o in ours] == [(o.token_ids, o.logprobs) for o in theirs]
+    # GEMV-sized buckets: a full one (1 or 4 sequences) replays a layer's captured expert compute once
+    # its experts are resident (the run returns None); 3 sequences in the bucket of 4 compute eagerly
+    executor, replayed = offloaded.engine.executor, []
+    run = executor.run
+
+    def recording_run(layer, x_TD, routing, guess_TK=None, compute=None):
+        y_TD = run(layer, x_TD, routing, guess_TK, compute)
+        replayed.append(y_TD is None)
+        return y_TD
+
+    monkeypatch.setattr(executor, "run", recording_run)
+    for group in ([prompts[1]], prompts[:3], prompts[2:6]):
+        ours, theirs = offloaded.generate(group, params), resident.generate(group, params)
+        assert [(o.token_ids, o.logprobs) for o in ours] == [(o.token_ids, o.logprobs) for o in theirs]
+    if slots == 1 or slots >= 12:  # one slot never holds a step's two experts; 12 hold most layers' steps
+        assert any(replayed) == (slots >= 12)
     stats = offloaded.stats()
     copies = stats["misses"] - stats["prefetch_used"] + stats["prefetch_loads"]
     assert stats["misses"] > 0 and stats["bytes_copied"] == copies * stats["slot_bytes"]

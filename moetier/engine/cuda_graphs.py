@@ -6,7 +6,10 @@ Padding rows point at a scratch KV block, so they never touch a real sequence's 
 
 An expert executor that reads the routing on the host (offloading) cannot be captured; for it,
 PiecewiseDecodeGraphs captures each bucket's step as one graph per stretch between expert calls
-(attention, norms, router, shared experts) and runs the executor eagerly between the replays.
+(attention, norms, router, shared experts) and runs the executor eagerly between the replays. For the
+offloaded executor each stretch also ends with its predictor's guess for the next MoE layer, and each
+GEMV-sized expert call gets a graph of its own that the executor replays once the step's experts are
+resident: what stays eager is the routing read, the slot planning and the copies.
 """
 
 import torch
@@ -17,6 +20,7 @@ from moetier.engine.scheduler import ScheduledSeq
 from moetier.models.transformer import CausalLM
 from moetier.moe.layer import MoELayer
 from moetier.moe.router import Routing
+from moetier.offload.executor import OffloadedExecutor
 
 _BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # A step's graph is captured in this many pieces of consecutive layers, launched back to back: the
@@ -137,21 +141,26 @@ class DecodeGraphs:
 
 
 class _ExpertCall:
-    """One expert call of a captured step: its inputs (outputs of the graph before it) and the
-    static buffer the next graph reads its result from."""
+    """One expert call of a captured step: its inputs (outputs of the graph before it), the static
+    buffer the next graph reads its result from, and for the offloaded executor the predictor's guess
+    (enqueued by the graph before) and the graph of the call's expert compute (GEMV-sized buckets)."""
 
-    def __init__(self, layer: int, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor):
-        self.layer, self.x_TD, self.routing, self.y_TD = layer, x_TD, routing, y_TD
+    def __init__(self, layer: int, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor,
+                 guess_TK: torch.Tensor | None):
+        self.layer, self.x_TD, self.routing, self.y_TD, self.guess_TK = layer, x_TD, routing, y_TD, guess_TK
+        self.compute: torch.cuda.CUDAGraph | None = None
 
 
 class _GraphBreaks:
-    """Stands in for the expert executor while a step is captured: at each expert call it ends the
-    graph being captured, starts the next one, and hands back an (uninitialised) static output."""
+    """Stands in for the expert executor while a step is captured: at each expert call it enqueues the
+    predictor's guess (if any), ends the graph being captured, starts the next one, and hands back an
+    (uninitialised) static output."""
 
     sync_free = True
 
-    def __init__(self, pool):
+    def __init__(self, pool, predictor):
         self.pool = pool
+        self.predictor = predictor
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.calls: list[_ExpertCall] = []
 
@@ -161,10 +170,11 @@ class _GraphBreaks:
         self.graphs.append(graph)
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        guess_TK = None if self.predictor is None else self.predictor.predict(layer, x_TD)
         self.graphs[-1].capture_end()
         self.begin()
         y_TD = torch.empty_like(x_TD)  # no kernel: the replay fills it before the next graph runs
-        self.calls.append(_ExpertCall(layer, x_TD, routing, y_TD))
+        self.calls.append(_ExpertCall(layer, x_TD, routing, y_TD, guess_TK))
         return y_TD
 
 
@@ -174,8 +184,13 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
 
     def _capture(self, device: torch.device) -> None:
         self.executor = self.model.executor
+        self.offloaded = isinstance(self.executor, OffloadedExecutor)
         self.calls: dict[int, list[_ExpertCall]] = {}  # self.graphs[size]: the pieces, in order
         pool = torch.cuda.graph_pool_handle()
+        # The expert-compute graphs replay between the pieces, not in capture order: in the pieces' pool
+        # their temporaries would reuse blocks that a piece freed but the next piece still reads
+        # (the residual stream passed between layers).
+        compute_pool = torch.cuda.graph_pool_handle()
         moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
         for size in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
             batch = self._batch(size)
@@ -184,7 +199,7 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
             with torch.cuda.stream(stream):
                 self.model(batch, self.kv_cache.layers)  # warm-up with the real executor
                 torch.cuda.synchronize(device)
-                breaks = _GraphBreaks(pool)
+                breaks = _GraphBreaks(pool, self.executor.predictor if self.offloaded else None)
                 for layer in moe_layers:
                     layer.executor = breaks
                 try:
@@ -194,6 +209,11 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
                 finally:
                     for layer in moe_layers:
                         layer.executor = self.executor
+                if self.offloaded:
+                    with torch.inference_mode():  # the calls' tensors are the pieces' (inference) outputs
+                        for call in breaks.calls:
+                            call.compute = self.executor.capture_compute(call.layer, call.x_TD, call.routing,
+                                                                         call.y_TD, compute_pool)
             torch.cuda.current_stream(device).wait_stream(stream)
             self.graphs[size], self.calls[size] = breaks.graphs, breaks.calls
 
@@ -202,9 +222,19 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
         pieces, calls = self.graphs[size], self.calls[size]
         pieces[0].replay()
         for call, graph in zip(calls, pieces[1:]):
-            routing = Routing(call.routing.topk_ids_TK[:n], call.routing.topk_weights_TK[:n])
-            call.y_TD[:n].copy_(self.executor.run(call.layer, call.x_TD[:n], routing))
-            if n < size:
-                call.y_TD[n:].zero_()  # padding rows: finite values, never read by a real row
+            y_TD = self._run_experts(call, n, size)
+            if y_TD is not None:
+                call.y_TD[:n].copy_(y_TD)
+                if n < size:
+                    call.y_TD[n:].zero_()  # padding rows: finite values, never read by a real row
             graph.replay()
         return self.logits[size][:n]
+
+    def _run_experts(self, call: _ExpertCall, n: int, size: int) -> torch.Tensor | None:
+        """The executor on the real rows; None when the call's compute graph wrote them (used only for a
+        full bucket: padding rows would read slots that no reader event covers)."""
+        routing = Routing(call.routing.topk_ids_TK[:n], call.routing.topk_weights_TK[:n])
+        if not self.offloaded:
+            return self.executor.run(call.layer, call.x_TD[:n], routing)
+        guess_TK = None if call.guess_TK is None else call.guess_TK[:n]
+        return self.executor.run(call.layer, call.x_TD[:n], routing, guess_TK, call.compute if n == size else None)

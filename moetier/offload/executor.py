@@ -107,8 +107,15 @@ class OffloadedExecutor:
     def expert_weights(self) -> ExpertWeights:
         return self.store
 
-    def run(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        guess_TK = self.predictor.predict(layer, x_TD) if self._predicting() else None
+    def run(self, layer: int, x_TD: torch.Tensor, routing: Routing, guess_TK: torch.Tensor | None = None,
+            compute: torch.cuda.CUDAGraph | None = None) -> torch.Tensor | None:
+        """The routed experts' output for the step, or None when `compute` wrote it. From piecewise decode
+        graphs: `guess_TK`, the predictor's guess that the graph before already enqueued, and `compute`,
+        the graph of capture_compute() for these very tensors, replayed when the step's experts all fit."""
+        if not self._predicting():
+            guess_TK = None
+        elif guess_TK is None:
+            guess_TK = self.predictor.predict(layer, x_TD)
         started = time.perf_counter()
         needed, guessed = self._read_routing(routing.topk_ids_TK, guess_TK)  # the one host sync of the layer
         self.routing_sync_s += time.perf_counter() - started
@@ -126,7 +133,12 @@ class OffloadedExecutor:
         overlap = bool(hits and loads) and x_TD.shape[0] >= OVERLAP_MIN_TOKENS
         if fits and not overlap:
             self._wait_for_copies(layer, ready)
-            y_TD = self._compute_all(layer, x_TD, routing)
+            if compute is None:
+                y_TD = self._compute_all(layer, x_TD, routing)
+            else:
+                self.pool.device_table(layer)  # the table the graph reads, up to date
+                compute.replay()
+                y_TD = None
             self._mark_read(layer, ready)
         else:
             rounds = [sorted(hits), sorted(loads)] if overlap else [ready]
@@ -289,10 +301,30 @@ class OffloadedExecutor:
     def _compute_all(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         bank, slot_of_expert_E = self.pool.bank, self.pool.device_table(layer)
         if self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS:
-            out_AD = gemv_experts(x_TD, slot_of_expert_E[routing.topk_ids_TK.reshape(-1)], bank)
-            return weighted_k_sum(out_AD, routing.topk_weights_TK)
+            return self._gemv_all(layer, x_TD, routing)
         plan = dispatch(x_TD, routing, bank.num_slots, slot_of_expert_E)
         return combine(self.kernel(plan, bank, self.spec), plan, routing)
+
+    def _gemv_all(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Every assignment through the slot of its expert (the device table as it stands)."""
+        out_AD = gemv_experts(x_TD, self.pool.tables[layer][routing.topk_ids_TK.reshape(-1)], self.pool.bank)
+        return weighted_k_sum(out_AD, routing.topk_weights_TK)
+
+    def capture_compute(self, layer: int, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor,
+                        pool) -> torch.cuda.CUDAGraph | None:
+        """For piecewise decode graphs, on their capture stream: a graph of _gemv_all over these static
+        tensors into y_TD, which run() replays when every expert the step needs is resident (its table
+        uploaded first). One replay instead of the slot gather, two GEMV launches and the k-weighted sum:
+        at batch 1 the host, not the copy engine, set the pace (benchmarks/host_time_offload.py).
+        None where the step is not GEMV-sized."""
+        if not (self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS):
+            return None
+        y_TD.copy_(self._gemv_all(layer, x_TD, routing))  # warm-up: kernels compiled outside the capture
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=pool)
+        y_TD.copy_(self._gemv_all(layer, x_TD, routing))
+        graph.capture_end()
+        return graph
 
     def _compute_round(self, layer: int, x_TD: torch.Tensor, routing: Routing, experts: list[int],
                        out_AD: torch.Tensor) -> None:

@@ -1,0 +1,70 @@
+"""Offloaded decode with and without the captured expert steps, in one process (no run-order or
+machine effect): the piecewise graphs' expert-compute graphs and their in-graph predictor guesses
+(cuda_graphs.PiecewiseDecodeGraphs) on, then off (the executor computes and predicts eagerly), in
+alternating rounds of timed decode steps. One JSON line per round.
+
+    python benchmarks/captured_experts_ab.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB \
+        [--routing synthetic:uniform] [--batch 1] [--rounds 3] [--steps 16] [--max-model-len 577]
+
+(`moetier bench --prompt-len 512 --output-len 64` sizes its KV cache for 577 tokens, and so the slot pool.)
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from moetier import LLM, SamplingParams
+from moetier.bench import offload_figures
+from moetier.offload.calibrate import host_to_device_gbps
+from moetier.trace.replay import replay_routing, routing_trace_for
+
+PROMPT = 512
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--gpu-memory", required=True)
+    parser.add_argument("--routing", default="router", help="router, replay:FILE or synthetic:KIND")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    args = parser.parse_args()
+    warm = args.batch + 8  # the prefills and some decode steps
+    tokens = warm + 2 * args.rounds * args.steps
+    if PROMPT + tokens > args.max_model_len:
+        raise SystemExit(f"{tokens} decode steps after a {PROMPT}-token prompt exceed --max-model-len {args.max_model_len}")
+    h2d_gbps = host_to_device_gbps(pinned=True)
+    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len, max_num_seqs=8,
+              max_num_batched_tokens=2048, gpu_memory=args.gpu_memory)
+    engine = llm.engine
+    if args.routing != "router":
+        replay_routing(engine, routing_trace_for(engine, args.routing))
+    graphs = engine.runner.graphs
+    captured = {size: [(call.compute, call.guess_TK) for call in calls] for size, calls in graphs.calls.items()}
+    for prompt in torch.randint(0, engine.source.spec.vocab_size, (args.batch, PROMPT)).tolist():
+        engine.add_request(prompt, SamplingParams(max_tokens=tokens, ignore_eos=True))
+    for _ in range(warm):
+        engine.step()
+    for round_ in range(args.rounds):
+        for on in (True, False):
+            for size, calls in graphs.calls.items():
+                for call, (compute, guess_TK) in zip(calls, captured[size]):
+                    call.compute, call.guess_TK = (compute, guess_TK) if on else (None, None)
+            torch.cuda.synchronize()
+            before, start = engine.offload_stats(), time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            torch.cuda.synchronize()
+            step_s = (time.perf_counter() - start) / args.steps
+            figures = offload_figures(before, engine.offload_stats(), args.steps, step_s, args.batch, h2d_gbps)
+            print(json.dumps({"model": args.model, "routing": args.routing, "batch": args.batch, "round": round_,
+                              "captured": on, "num_slots": engine.executor.pool.num_slots,
+                              "tok_s": round(args.batch / step_s, 2), **figures}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

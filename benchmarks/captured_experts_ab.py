@@ -14,21 +14,18 @@ import json
 import time
 
 import torch
+from offload_probe import add_arguments, load
 
-from moetier import LLM, SamplingParams
+from moetier import SamplingParams
 from moetier.bench import offload_figures
 from moetier.offload.calibrate import host_to_device_gbps
-from moetier.trace.replay import replay_routing, routing_trace_for
 
 PROMPT = 512
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("--gpu-memory", required=True)
-    parser.add_argument("--routing", default="router", help="router, replay:FILE or synthetic:KIND")
-    parser.add_argument("--batch", type=int, default=1)
+    add_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=1024)
@@ -38,11 +35,7 @@ def main() -> None:
     if PROMPT + tokens > args.max_model_len:
         raise SystemExit(f"{tokens} decode steps after a {PROMPT}-token prompt exceed --max-model-len {args.max_model_len}")
     h2d_gbps = host_to_device_gbps(pinned=True)
-    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len, max_num_seqs=8,
-              max_num_batched_tokens=2048, gpu_memory=args.gpu_memory)
-    engine = llm.engine
-    if args.routing != "router":
-        replay_routing(engine, routing_trace_for(engine, args.routing))
+    engine = load(args, args.max_model_len).engine
     graphs = engine.runner.graphs
     captured = {size: [(call.compute, call.guess_TK) for call in calls] for size, calls in graphs.calls.items()}
     for prompt in torch.randint(0, engine.source.spec.vocab_size, (args.batch, PROMPT)).tolist():

@@ -20,9 +20,9 @@ import time
 from collections import defaultdict
 
 import torch
+from offload_probe import add_arguments, load
 
-from moetier import LLM, SamplingParams
-from moetier.trace.replay import replay_routing, routing_trace_for
+from moetier import SamplingParams
 
 STEPS = 16
 
@@ -52,16 +52,9 @@ def decode(engine, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("--gpu-memory", required=True)
-    parser.add_argument("--routing", default="router", help="router, replay:FILE or synthetic:KIND")
-    parser.add_argument("--batch", type=int, default=1)
+    add_arguments(parser)
     args = parser.parse_args()
-    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=8,
-              max_num_batched_tokens=2048, gpu_memory=args.gpu_memory)
-    engine = llm.engine
-    if args.routing != "router":
-        replay_routing(engine, routing_trace_for(engine, args.routing))
+    engine = load(args).engine
     executor = engine.executor
     for prompt in torch.randint(0, engine.source.spec.vocab_size, (args.batch, 512)).tolist():
         engine.add_request(prompt, SamplingParams(max_tokens=3 * STEPS + 12, ignore_eos=True))

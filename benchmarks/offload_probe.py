@@ -1,0 +1,22 @@
+"""What the offloaded-decode probes (host_time_offload.py, captured_experts_ab.py) share: their model,
+budget, routing and batch arguments, and the dummy-weight LLM with that routing in place."""
+
+import argparse
+
+from moetier import LLM
+from moetier.trace.replay import replay_routing, routing_trace_for
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model")
+    parser.add_argument("--gpu-memory", required=True)
+    parser.add_argument("--routing", default="router", help="router, replay:FILE or synthetic:KIND")
+    parser.add_argument("--batch", type=int, default=1)
+
+
+def load(args: argparse.Namespace, max_model_len: int = 1024) -> LLM:
+    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=max_model_len, max_num_seqs=8,
+              max_num_batched_tokens=2048, gpu_memory=args.gpu_memory)
+    if args.routing != "router":
+        replay_routing(llm.engine, routing_trace_for(llm.engine, args.routing))
+    return llm

@@ -46,8 +46,8 @@ PREFETCH_NUMERATOR, PREFETCH_DENOMINATOR = 7, 8
 # The hits compute while the misses stream in (two rounds) from this many tokens. Rounds select their
 # rows on the device, so this no longer waits for prefill-sized steps (it was 128 while a round read
 # its row count on the host, a sync that idled the copy engine: ~3 ms per layer at batch-8 decode of
-# OLMoE-1B-7B on the H100). Up to GEMV_MAX_TOKENS the GEMV computes every row in each round, and
-# the hits' compute is short next to the misses' copies: no overlap there.
+# OLMoE-1B-7B on the H100). Up to GEMV_MAX_TOKENS the hits' GEMV is short next to the misses' copies,
+# and a second round's launches cost host time the step waits for: no overlap there.
 OVERLAP_MIN_TOKENS = GEMV_MAX_TOKENS + 1
 # Predicted experts are copied ahead (as many as fit the copy engine's idle window, prefetch.py)
 # while the running precision of the guesses that were not resident is at least this: each wrong

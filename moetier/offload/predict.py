@@ -46,7 +46,7 @@ class NextGatePredictor:
             return None
         router = self.routers[nxt]
         with torch.no_grad():
-            # at batch 1 the decode GEMV, as the router itself (cuBLAS costs more host time per call)
+            # the router's own projection (at batch 1 the decode GEMV)
             return torch.topk(linear(x_TD, router.weight), router.spec.top_k, dim=-1).indices
 
 

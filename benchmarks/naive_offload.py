@@ -17,13 +17,10 @@ from moetier.offload.planner import SlotPlanner
 
 
 class ForgetfulPlanner(SlotPlanner):
-    """Every round starts from an empty pool: each needed expert is a miss."""
+    """No cache: after each layer step every expert leaves its slot, so each needed expert is a miss."""
 
-    def plan_round(self, layer, experts, keep=frozenset()):
-        for expert in self.slot_of:  # the policy's own bookkeeping forgets them too
-            self.policy.evicted(expert)
-        SlotPlanner.__init__(self, len(self.holder), self.policy)  # all slots free again
-        return super().plan_round(layer, experts, keep)
+    def end_step(self, protected):
+        return [(self.release(expert), expert) for expert in list(self.slot_of)]
 
 
 class ComputeStreamCopyEngine(CudaCopyEngine):

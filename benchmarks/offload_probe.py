@@ -1,4 +1,4 @@
-"""What the offloaded-decode probes (host_time_offload.py, captured_experts_ab.py) share: their model,
+"""What the offloaded-decode probes (host_time_offload.py, offload_ab.py) share: their model,
 budget, routing and batch arguments, and the dummy-weight LLM with that routing in place."""
 
 import argparse

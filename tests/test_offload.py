@@ -342,6 +342,42 @@ def test_fast_victim_choice_equals_the_full_scan(slots, policy, steps):
     assert {e for experts in planner.resident.values() for e in experts} == set(planner.slot_of)
 
 
+@settings(max_examples=60, deadline=None)
+@given(slots=st.integers(1, 10), spare=st.integers(0, 3), policy=st.sampled_from(["lru", "lfu", "static", "layer"]),
+       steps=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 7), min_size=1, max_size=4)), max_size=20))
+def test_claimed_misses_plan_as_the_step_would(slots, spare, policy, steps):
+    """claim_free books the step's first misses where start_round puts them, so a step planned with
+    claims (copies started before the policy hears of the step) loads, evicts and hits exactly as one
+    planned without; end_step frees `spare` slots (unless the policy declines), never a protected one."""
+    spec = _spec()
+
+    def planner() -> SlotPlanner:
+        return SlotPlanner(slots, make_policy(policy, slots, tuple(spec.moe_layer_ids), spec.moe.num_experts,
+                                              spec.moe.top_k), spare)
+
+    claiming, plain = planner(), planner()
+    for layer, needed in steps:
+        needed = sorted(needed)
+        claimed = claiming.claim_free(layer, needed)
+        for p in (claiming, plain):
+            p.access(layer, needed)
+        remaining, first = needed, True
+        while remaining:
+            planned = [p.plan_round(layer, remaining) for p in (claiming, plain)]
+            assert planned[0] == planned[1]
+            hits, loads = planned[0]
+            if first:
+                assert [(e, slot) for e, slot, _ in loads[: len(claimed)]] == claimed
+                first = False
+            done = set(hits) | {e for e, _, _ in loads}
+            remaining = [e for e in remaining if e not in done]
+        protected = {ExpertId(layer, e) for e in needed}
+        released = [p.end_step(protected) for p in (claiming, plain)]
+        assert released[0] == released[1] and not protected & {e for _, e in released[0]}
+        assert len(claiming.free) >= spare or claiming.policy.choose(claiming.resident, protected) is None
+        assert claiming.holder == plain.holder and claiming.slot_of == plain.slot_of
+
+
 def test_layer_aware_heaps_stay_bounded_under_hits():
     """Hits push heap entries that no eviction pops: a run of hits must not grow the heaps without
     bound, and the victim must still be the full scan's."""

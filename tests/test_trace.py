@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from moetier.errors import MoetierError
 from moetier.llm import LLM
+from moetier.offload.planner import spare_slots
 from moetier.sampling_params import SamplingParams
 from moetier.trace.analyze import analyze, summary_markdown, write_report
 from moetier.trace.format import RoutingTrace, load_trace
@@ -194,7 +195,9 @@ def test_write_report(tmp_path):
 
 def reference_lru(trace: RoutingTrace, slots: int) -> tuple[int, int]:
     """Plain LRU stack, least recent first; a layer's needed experts are never evicted for it and
-    become the most recent, in ascending id order."""
+    become the most recent, in ascending id order; after each layer step the least recent others
+    leave until the planner's spare slots are free."""
+    keep = slots - spare_slots(slots, len(trace.moe_layers) * trace.num_experts)
     stack, hits, misses = [], 0, 0
     for layer, needed in access_events(trace):
         keys = [(layer, e) for e in needed]
@@ -207,6 +210,8 @@ def reference_lru(trace: RoutingTrace, slots: int) -> tuple[int, int]:
                     stack.remove(next(k for k in stack if k not in keys))
                 stack.append(key)
         stack = [k for k in stack if k not in keys] + keys
+        while len(stack) > keep and stack[0] not in keys:
+            stack.pop(0)
     return hits, misses
 
 

@@ -4,9 +4,11 @@ so its outputs are bitwise identical.
 
 Legend: T tokens, K experts per token, A = T*K assignments, D hidden, E experts, S slots.
 
-Per MoE layer: one host sync reads the experts the step needs; hits use their slots; each miss
-takes a free slot or the policy's victim (never an expert this layer needs), the copy into it
-starts after the slot's last reader, and compute waits for the copies on the device. Overlap:
+Per MoE layer: one host sync reads the experts the step needs; the first misses start copying into
+the planner's spare slots at once, before any other host work (planner.py); hits use their slots;
+each other miss takes a free slot or the policy's victim (never an expert this layer needs), the
+copy into it starts after the slot's last reader, and compute waits for the copies on the device.
+After the step the planner frees spare slots again for the next layer. Overlap:
 with more tokens than the decode GEMV takes, the hits compute first while the misses stream in;
 when a layer needed nearly every expert (a long prompt under spread routing), the next MoE
 layer's experts start copying behind its own into slots this layer does not need. If the layer
@@ -35,7 +37,7 @@ from moetier.moe.grouped import GEMV_MAX_TOKENS, gemv_experts
 from moetier.moe.router import Routing
 from moetier.offload.cache import EvictionPolicy, make_policy
 from moetier.offload.copy_engine import CopyEngine, make_copy_engine
-from moetier.offload.planner import SlotPlanner
+from moetier.offload.planner import SlotPlanner, spare_slots
 from moetier.offload.predict import Predictor
 from moetier.offload.prefetch import PrefetchWindow, running_average
 from moetier.offload.slots import SlotPool
@@ -79,7 +81,7 @@ class OffloadedExecutor:
             eviction if isinstance(eviction, EvictionPolicy)
             else make_policy(eviction, num_slots, self.moe_layers, self.spec.num_experts, self.spec.top_k)
         )
-        self.planner = SlotPlanner(num_slots, policy)
+        self.planner = SlotPlanner(num_slots, policy, spare_slots(num_slots, len(self.moe_layers) * self.spec.num_experts))
         self.copy_engine = copy_engine or make_copy_engine(device)
         self.kernel, self.gemv = expert_kernels(self.spec, dtype, device)
         self.hits: Counter[int] = Counter()
@@ -117,14 +119,17 @@ class OffloadedExecutor:
         elif guess_TK is None:
             guess_TK = self.predictor.predict(layer, x_TD)
         started = time.perf_counter()
-        needed, guessed = self._read_routing(routing.topk_ids_TK, guess_TK)  # the one host sync of the layer
+        needed, guess_host = self._read_routing(routing.topk_ids_TK, guess_TK)  # the one host sync of the layer
         self.routing_sync_s += time.perf_counter() - started
+        # The first misses copy into the spare slots before any other host work (planner.py).
+        claimed = self.planner.claim_free(layer, needed)
+        self._copy_claimed(layer, claimed)
         if layer == self.moe_layers[0]:
             self.tokens += x_TD.shape[0]
         self.planner.access(layer, needed)
         self.window.copies_start(first_layer=layer == self.moe_layers[0])
-        hits, loads = self._plan_and_copy(layer, needed)
-        self.window.copies_issued(len(loads))
+        hits, loads = self._plan_and_copy(layer, needed, copied=len(claimed))
+        self.window.copies_issued(len(loads) - len(claimed))
         # Host work that the copies need not wait for comes after they started.
         self.window.measure()
         self._score_guess(layer, needed)
@@ -143,8 +148,11 @@ class OffloadedExecutor:
         else:
             rounds = [sorted(hits), sorted(loads)] if overlap else [ready]
             y_TD = self._compute_in_rounds(layer, x_TD, routing, rounds, needed)
-        if fits:
-            self._prefetch_next(layer, needed, guessed)  # behind the compute, which need not wait for it
+        for _, evicted in self.planner.end_step({ExpertId(layer, e) for e in needed}):
+            self.pool.release(evicted)
+            self.prefetched.discard(evicted)
+        if fits:  # behind the compute, which need not wait for it
+            self._prefetch_next(layer, needed, _first_seen(guess_host))
         return y_TD
 
     def _prefetch_next(self, layer: int, needed: list[int], guessed: list[int]) -> None:
@@ -172,10 +180,11 @@ class OffloadedExecutor:
                 rounds = []
         return weighted_k_sum(out_AD, routing.topk_weights_TK)
 
-    def _read_routing(self, topk_ids_TK: torch.Tensor, guess_TK: torch.Tensor | None) -> tuple[list[int], list[int]]:
-        """The distinct experts of the step, ascending, and of the guess for the next layer, the
-        tokens' first choices first. On CUDA both come over in small copies to pinned memory and one
-        stream sync (a device unique would sort and sync twice)."""
+    def _read_routing(self, topk_ids_TK: torch.Tensor, guess_TK: torch.Tensor | None
+                      ) -> tuple[list[int], np.ndarray | None]:
+        """The distinct experts of the step, ascending, and the guess for the next layer on the host
+        (k-major), if any. On CUDA both come over in small copies to pinned memory and one stream sync
+        (a device unique would sort and sync twice)."""
         # k-major: every token's first choice, then every second choice, ...
         parts = [topk_ids_TK.reshape(-1)] + ([] if guess_TK is None else [guess_TK.t().reshape(-1)])
         if not topk_ids_TK.is_cuda:
@@ -191,27 +200,33 @@ class OffloadedExecutor:
                 hosts.append(host.numpy())
                 offset += part.numel()
             torch.cuda.current_stream(topk_ids_TK.device.index).synchronize()  # an int: the fast path
-        needed = np.unique(hosts[0]).tolist()
-        if len(hosts) == 1:
-            return needed, []
-        _, first_at = np.unique(hosts[1], return_index=True)
-        return needed, hosts[1][np.sort(first_at)].tolist()
+        return np.unique(hosts[0]).tolist(), hosts[1] if len(hosts) > 1 else None
 
     # --- planning and copies ----------------------------------------------------------------
 
+    def _copy_claimed(self, layer: int, claimed: list[tuple[int, int]]) -> None:
+        """Starts the copies of the misses claim_free booked into free slots."""
+        if not claimed:
+            return
+        with self.copy_engine.issuing():
+            for e, slot in claimed:
+                self._copy_into(ExpertId(layer, e), slot, None)
+
+    def _copy_into(self, expert: ExpertId, slot: int, evicted: ExpertId | None) -> None:
+        filled = self.store.copy_in(expert, self.pool.slot_bytes_S[slot], self.copy_engine, self.pool.last_read[slot])
+        self.pool.assign(slot, expert, evicted, filled)
+
     def _plan_and_copy(self, layer: int, experts: list[int], keep: frozenset[ExpertId] = frozenset(),
-                       prefetch: bool = False) -> tuple[list[int], list[int]]:
+                       prefetch: bool = False, copied: int = 0) -> tuple[list[int], list[int]]:
         """Plans as many of `experts` as fit beside the hits (never evicting `keep`) and starts the
-        copies of the misses: (hits, loads)."""
+        copies of the misses: (hits, loads). The first `copied` loads are the claimed ones, copying already."""
         hits, planned = self.planner.start_round(layer, experts, keep)
         loaded = []
         with self.copy_engine.issuing():
             for e, slot, evicted in planned:  # each copy starts before the next load is planned
-                expert = ExpertId(layer, e)
-                filled = self.store.copy_in(expert, self.pool.slot_bytes_S[slot], self.copy_engine,
-                                            self.pool.last_read[slot])
-                self.pool.assign(slot, expert, evicted, filled)
-                self.prefetched.discard(evicted)
+                if len(loaded) >= copied:
+                    self._copy_into(ExpertId(layer, e), slot, evicted)
+                    self.prefetched.discard(evicted)
                 loaded.append(e)
         self.bytes_copied += len(loaded) * self.layout.slot_bytes
         if prefetch:
@@ -386,6 +401,14 @@ class OffloadedExecutor:
             "slot_occupancy": sum(h is not None for h in self.planner.holder) / self.pool.num_slots,
             "layers": {layer: {"hits": self.hits[layer], "misses": self.misses[layer]} for layer in self.moe_layers},
         }
+
+
+def _first_seen(guess: np.ndarray | None) -> list[int]:
+    """The distinct experts of a k-major guess, in the order first seen (the tokens' first choices first)."""
+    if guess is None:
+        return []
+    _, first_at = np.unique(guess, return_index=True)
+    return guess[np.sort(first_at)].tolist()
 
 
 def _on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

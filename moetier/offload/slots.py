@@ -32,11 +32,15 @@ class SlotPool:
     def assign(self, slot: int, expert: ExpertId, evicted: ExpertId | None, filled: Event) -> None:
         """Records that `slot` now holds `expert` instead of `evicted`; its copy completes at `filled`."""
         if evicted is not None:
-            self.host_tables[evicted.layer][evicted.expert] = -1
-            self._dirty.add(evicted.layer)
+            self.release(evicted)
         self.host_tables[expert.layer][expert.expert] = slot
         self._dirty.add(expert.layer)
         self.filled[slot] = filled
+
+    def release(self, expert: ExpertId) -> None:
+        """Records that `expert` left its slot (the slot keeps its last reader: a refill waits for it)."""
+        self.host_tables[expert.layer][expert.expert] = -1
+        self._dirty.add(expert.layer)
 
     def device_table(self, layer: int) -> torch.Tensor:
         """The layer's expert -> slot table (int64 [E], -1 when absent) on the device, up to date."""

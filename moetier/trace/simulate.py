@@ -8,7 +8,10 @@ OffloadedExecutor uses, and slots are planned by the executor's own SlotPlanner 
 - a needed expert already resident is a hit; each other one takes a free slot or the policy's victim
   among the resident experts this layer does not need (a hit or an expert just loaded is never
   evicted); if the policy returns no victim, the rest wait for another round in which only that
-  round's needs are protected, as the executor's rounds do.
+  round's needs are protected, as the executor's rounds do;
+- after each (step, layer) the policy's victims are evicted until SPARE_SLOTS slots are free (unless
+  every expert fits), as the executor does (the next step's first misses copy before any planning);
+  Belady's optimum keeps none.
 Belady's optimum uses the same pool with an offline policy that evicts the candidate whose next use
 is farthest in the future: when every (step, layer) needs at most S experts, no policy has fewer
 misses. When some need more (large prefill steps with a small pool), the executor's rounds fix the
@@ -29,7 +32,7 @@ import numpy as np
 
 from moetier.moe.experts import ExpertId
 from moetier.offload.cache import EvictionPolicy, make_policy
-from moetier.offload.planner import SlotPlanner
+from moetier.offload.planner import SlotPlanner, spare_slots
 from moetier.trace.format import DECODE, PREFILL, RoutingTrace
 
 BELADY = "belady"
@@ -83,6 +86,7 @@ def _replay(planner: SlotPlanner, events) -> tuple[int, int]:
             hits, misses = hits + len(round_hits), misses + len(loads)
             done = set(round_hits) | {e for e, _, _ in loads}
             remaining = [e for e in remaining if e not in done]
+        planner.end_step({ExpertId(layer, e) for e in needed})
     return hits, misses
 
 
@@ -112,7 +116,9 @@ def simulate(trace: RoutingTrace, policy: str, num_slots: int, events=None) -> t
         chosen: EvictionPolicy = Belady(events)
     else:
         chosen = make_policy(policy, num_slots, tuple(trace.moe_layers.tolist()), trace.num_experts, trace.top_k)
-    return _replay(SlotPlanner(num_slots, chosen), events)
+    # The optimum keeps no slot spare (spares serve the host's timing, not the hit rate): it bounds those that do.
+    spare = 0 if policy == BELADY else spare_slots(num_slots, len(trace.moe_layers) * trace.num_experts)
+    return _replay(SlotPlanner(num_slots, chosen, spare), events)
 
 
 def select_phase(trace: RoutingTrace, phase: str) -> RoutingTrace:

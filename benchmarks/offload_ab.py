@@ -1,0 +1,89 @@
+"""Offloaded decode with one executor feature on and off, in one process (no run-order or machine
+effect), in alternating rounds of timed decode steps. One JSON line per round.
+
+    --toggle captured: the piecewise graphs' expert-compute graphs and their in-graph predictor guesses
+        (cuda_graphs.PiecewiseDecodeGraphs); off, the executor computes and predicts eagerly.
+    --toggle spare: the planner's spare slots (planner.py: the first misses copy right after the routing
+        read); off, no slot is kept free, and every miss waits for the step's planning.
+
+    python benchmarks/offload_ab.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB --toggle spare \
+        [--routing synthetic:uniform] [--batch 1] [--rounds 3] [--steps 16] [--max-model-len 577]
+
+(`moetier bench --prompt-len 512 --output-len 64` sizes its KV cache for 577 tokens, and so the slot pool.)
+"""
+
+import argparse
+import json
+import time
+
+import torch
+from offload_probe import add_arguments, load
+
+from moetier import SamplingParams
+from moetier.bench import offload_figures
+from moetier.engine.engine import Engine
+from moetier.offload.calibrate import host_to_device_gbps
+
+PROMPT = 512
+
+
+def captured_switch(engine: Engine):
+    graphs = engine.runner.graphs
+    captured = {size: [(call.compute, call.guess_TK) for call in calls] for size, calls in graphs.calls.items()}
+
+    def switch(on: bool) -> None:
+        for size, calls in graphs.calls.items():
+            for call, (compute, guess_TK) in zip(calls, captured[size]):
+                call.compute, call.guess_TK = (compute, guess_TK) if on else (None, None)
+    return switch
+
+
+def spare_switch(engine: Engine):
+    planner = engine.executor.planner
+    spare = planner.spare
+
+    def switch(on: bool) -> None:
+        planner.spare = spare if on else 0
+    return switch
+
+
+SWITCHES = {"captured": captured_switch, "spare": spare_switch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    parser.add_argument("--toggle", required=True, choices=sorted(SWITCHES))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    args = parser.parse_args()
+    warm = args.batch + 8  # the prefills and some decode steps
+    tokens = warm + 2 * args.rounds * args.steps
+    if PROMPT + tokens > args.max_model_len:
+        raise SystemExit(f"{tokens} decode steps after a {PROMPT}-token prompt exceed --max-model-len {args.max_model_len}")
+    h2d_gbps = host_to_device_gbps(pinned=True)
+    engine = load(args, args.max_model_len).engine
+    switch = SWITCHES[args.toggle](engine)
+    for prompt in torch.randint(0, engine.source.spec.vocab_size, (args.batch, PROMPT)).tolist():
+        engine.add_request(prompt, SamplingParams(max_tokens=tokens, ignore_eos=True))
+    for _ in range(warm):
+        engine.step()
+    for round_ in range(args.rounds):
+        for on in (True, False):
+            switch(on)
+            engine.step()  # the switch's first step (slots freed or filled) is not timed
+            torch.cuda.synchronize()
+            before, start = engine.offload_stats(), time.perf_counter()
+            for _ in range(args.steps - 1):
+                engine.step()
+            torch.cuda.synchronize()
+            step_s = (time.perf_counter() - start) / (args.steps - 1)
+            figures = offload_figures(before, engine.offload_stats(), args.steps - 1, step_s, args.batch, h2d_gbps)
+            print(json.dumps({"model": args.model, "routing": args.routing, "batch": args.batch, "round": round_,
+                              args.toggle: on, "num_slots": engine.executor.pool.num_slots,
+                              "tok_s": round(args.batch / step_s, 2), **figures}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

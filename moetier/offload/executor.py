@@ -121,15 +121,15 @@ class OffloadedExecutor:
         started = time.perf_counter()
         needed, guess_host = self._read_routing(routing.topk_ids_TK, guess_TK)  # the one host sync of the layer
         self.routing_sync_s += time.perf_counter() - started
-        # The first misses copy into the spare slots before any other host work (planner.py).
+        # The first misses copy into the spare slots before the rest of the host work (planner.py).
         claimed = self.planner.claim_free(layer, needed)
+        self.window.copies_start(first_layer=layer == self.moe_layers[0])
         self._copy_claimed(layer, claimed)
         if layer == self.moe_layers[0]:
             self.tokens += x_TD.shape[0]
         self.planner.access(layer, needed)
-        self.window.copies_start(first_layer=layer == self.moe_layers[0])
         hits, loads = self._plan_and_copy(layer, needed, copied=len(claimed))
-        self.window.copies_issued(len(loads) - len(claimed))
+        self.window.copies_issued(len(loads))
         # Host work that the copies need not wait for comes after they started.
         self.window.measure()
         self._score_guess(layer, needed)

@@ -26,9 +26,10 @@ SPARE_SLOTS = 2
 
 
 def spare_slots(num_slots: int, num_experts: int) -> int:
-    """SPARE_SLOTS, or none when the pool holds all `num_experts` (every MoE layer's): then a miss
-    is a first use, and evictions to keep slots spare would only add misses."""
-    return SPARE_SLOTS if num_slots < num_experts else 0
+    """SPARE_SLOTS, at most a sixteenth of the pool (each spare slot is one expert fewer cached), and
+    none when the pool holds all `num_experts` (every MoE layer's): then a miss is a first use, and
+    evictions to keep slots spare would only add misses."""
+    return min(SPARE_SLOTS, num_slots // 16) if num_slots < num_experts else 0
 
 
 class SlotPlanner:

@@ -27,10 +27,9 @@ class PrefetchWindow:
         self._pending: list[tuple[str, Event, Event, int]] = []  # measurements whose events may not have completed
 
     def copies_start(self, first_layer: bool) -> None:
-        """Called after a layer's routing read and its first copies into spare slots (so the window
-        holds their few microseconds of issue), before the rest of its copies: closes the window of
-        the layer before (not across steps: the first MoE layer's window would hold the lm_head and
-        sampling). The copy time is measured on the rest, behind the first ones on the copy stream."""
+        """Called after a layer's routing read, right before its own copies: closes the window of the
+        layer before (not across steps: the first MoE layer's window would hold the lm_head and
+        sampling)."""
         now = self.copy_engine.marker(on_copies=False)  # compute is idle here: completes at once
         if self._end is not None and not first_layer:
             self._pending.append(("window", self._end, now, 0))

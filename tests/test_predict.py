@@ -85,12 +85,13 @@ class _Clock:
 
 def _layer(window: PrefetchWindow, copies: int, first: bool = False) -> None:
     window.measure()  # after the routing read
-    window.copies_start(first_layer=first)
+    window.copies_start()
+    window.window_ends(first_layer=first)
     window.copies_issued(copies)
 
 
 def test_prefetch_window_is_measured_window_over_copy_time():
-    # markers: (compute now, copies start, copies end) per layer
+    # markers: (copies start, compute now, copies end) per layer
     clock = _Clock([0.0, 0.0, 3.0, 10.0, 10.0, 12.0, 20.0, 20.0, 25.0, 30.0, 30.0, 31.0, 100.0, 100.0, 101.0, 110.0, 110.0, 111.0])
     window = PrefetchWindow(clock)
     _layer(window, 3, first=True)  # 3 copies from 0 to 3: 1 each

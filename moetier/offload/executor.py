@@ -123,8 +123,9 @@ class OffloadedExecutor:
         self.routing_sync_s += time.perf_counter() - started
         # The first misses copy into the spare slots before the rest of the host work (planner.py).
         claimed = self.planner.claim_free(layer, needed)
-        self.window.copies_start(first_layer=layer == self.moe_layers[0])
+        self.window.copies_start()
         self._copy_claimed(layer, claimed)
+        self.window.window_ends(first_layer=layer == self.moe_layers[0])
         if layer == self.moe_layers[0]:
             self.tokens += x_TD.shape[0]
         self.planner.access(layer, needed)

@@ -26,14 +26,20 @@ class PrefetchWindow:
         self._end: Event | None = None  # the last layer's copies end (copy stream)
         self._pending: list[tuple[str, Event, Event, int]] = []  # measurements whose events may not have completed
 
-    def copies_start(self, first_layer: bool) -> None:
-        """Called after a layer's routing read, right before its own copies: closes the window of the
-        layer before (not across steps: the first MoE layer's window would hold the lm_head and
-        sampling)."""
+    def copies_start(self) -> None:
+        """Called after a layer's routing read, right before its own copies: the span they are timed
+        over starts."""
+        self._start = self.copy_engine.marker(on_copies=True)
+
+    def window_ends(self, first_layer: bool) -> None:
+        """Called once the layer's first copies are issued (the compute stream idle, so the marker
+        completes at once): closes the window of the layer before, which thus holds those copies' few
+        microseconds of issue (not across steps: the first MoE layer's window would hold the lm_head
+        and sampling). After the first copies, not before: the compute stream's marker costs ~10 us of
+        host time (looking up the current stream), and the first copy waits for whatever comes first."""
         now = self.copy_engine.marker(on_copies=False)  # compute is idle here: completes at once
         if self._end is not None and not first_layer:
             self._pending.append(("window", self._end, now, 0))
-        self._start = self.copy_engine.marker(on_copies=True)
 
     def copies_issued(self, count: int) -> None:
         """The layer's own copies (possibly none) are issued; its window opens when they end."""

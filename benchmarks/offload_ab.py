@@ -5,6 +5,8 @@ effect), in alternating rounds of timed decode steps. One JSON line per round.
         (cuda_graphs.PiecewiseDecodeGraphs); off, the executor computes and predicts eagerly.
     --toggle spare: the planner's spare slots (planner.py: the first misses copy right after the routing
         read); off, no slot is kept free, and every miss waits for the step's planning.
+    --toggle memcpy: expert copies through the runtime's cudaMemcpyAsync (copy_engine.py); off, through
+        torch's copy_ on the copy stream made current.
 
     python benchmarks/offload_ab.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB --toggle spare \
         [--routing synthetic:uniform] [--batch 1] [--rounds 3] [--steps 16] [--max-model-len 577]
@@ -47,7 +49,16 @@ def spare_switch(engine: Engine):
     return switch
 
 
-SWITCHES = {"captured": captured_switch, "spare": spare_switch}
+def memcpy_switch(engine: Engine):
+    copy_engine = engine.executor.copy_engine
+    memcpy = copy_engine.memcpy
+
+    def switch(on: bool) -> None:
+        copy_engine.memcpy = memcpy if on else None
+    return switch
+
+
+SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy_switch}
 
 
 def main() -> None:

@@ -2,13 +2,15 @@
 
 import pytest
 import torch
-
 from checkpoints import FAMILY_CONFIGS, make_checkpoint
+from parity import LOGIT_RTOL, assert_greedy_matches
+
 from moetier import LLM, SamplingParams
 from moetier.engine.cuda_graphs import DecodeGraphs, PiecewiseDecodeGraphs
+from moetier.models.linear import linear
 from moetier.offload import executor as executor_module
+from moetier.offload.predict import NextGatePredictor
 from moetier.offload.prefetch import PrefetchWindow
-from parity import LOGIT_RTOL, assert_greedy_matches
 
 pytestmark = pytest.mark.gpu
 
@@ -175,8 +177,8 @@ def test_elementwise_kernels_match_eager_ops():
     """The Triton norm, SwiGLU and k-weighted sum against the eager torch ops they stand in for: fp32
     to rounding, bf16 close and no less accurate than the eager bf16 ops (both against fp32)."""
     from moetier.kernels import moe_elementwise, rms_norm
-    from moetier.moe.dispatch import _weighted_k_sum
     from moetier.models.norm import add_rms_norm
+    from moetier.moe.dispatch import _weighted_k_sum
 
     torch.manual_seed(0)
     x32, residual32, weight32 = torch.randn(300, 2048, device="cuda"), torch.randn(300, 2048, device="cuda"), torch.rand(2048, device="cuda") + 0.5
@@ -236,6 +238,7 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
     offloaded = LLM(str(tmp_path), dtype="bfloat16", device="cuda", max_model_len=128, max_num_seqs=8,
                     expert_slots=slots, predictor=predictor)
     assert isinstance(offloaded.engine.runner.graphs, PiecewiseDecodeGraphs)
+    assert offloaded.engine.executor.copy_engine.memcpy is not None  # the runtime's cudaMemcpyAsync copies
     ids = list(range(10, 70))
     assert torch.equal(offloaded.score(ids), resident.score(ids))
     # decode through the piecewise graphs (6 sequences in the bucket of 8: grouped experts, padding
@@ -267,3 +270,15 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
     elif slots >= 12:  # guesses are made where a step fits in one round (about 0.9 right on CPU), and used;
         # with 6 slots (2 a layer: the layer-aware policy borrows no more) every step runs in rounds
         assert stats["prefetch_used"] > 0 and stats["prediction_precision"] > 0.5 and stats["expert_copy_s"] > 0
+
+
+def test_next_gate_guess_is_the_next_routers_top_k_on_cuda():
+    """The predictor's one-kernel top-k (router_topk) picks what torch.topk picks (no ties in random logits)."""
+    torch.manual_seed(0)
+    router = torch.nn.Module()
+    router.weight = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    router.spec = type("Spec", (), {"top_k": 6})()
+    x_TD = torch.randn(5, 256, device="cuda", dtype=torch.bfloat16)
+    guess_TK = NextGatePredictor({0: None, 1: router}).predict(0, x_TD)
+    expected_TK = torch.topk(linear(x_TD, router.weight).float(), 6, dim=-1).indices
+    assert torch.equal(guess_TK.sort(dim=-1).values, expected_TK.sort(dim=-1).values)

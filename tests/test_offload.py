@@ -216,7 +216,7 @@ def test_rounds_equal_one_pass_bitwise(kernel, tokens, bias, monkeypatch):
         before_AD = torch.randn(ids_A.numel(), x_TD.shape[1])
         out_AD, done = before_AD.clone(), 0
         for experts in rounds:
-            executor._compute_round(0, x_TD, routing, experts, out_AD)
+            executor._compute_round(x_TD, routing, executor._round_slots(0, experts, x_TD), out_AD)
             done += len(experts)
             pending_A = torch.isin(ids_A, torch.tensor(needed[done:], dtype=torch.int64))
             assert torch.equal(out_AD[pending_A], before_AD[pending_A])
@@ -260,7 +260,7 @@ def test_rounds_read_nothing_on_the_host(kernel, tokens, monkeypatch):
     monkeypatch.setattr(executor_module, "gemv_experts", _gemv_reference)
     executor, x_TD, routing = _round_case(kernel, tokens, 0, device="meta", dtype=torch.bfloat16)
     out_AD = torch.empty(routing.topk_ids_TK.numel(), x_TD.shape[1], dtype=x_TD.dtype, device="meta")
-    executor._compute_round(0, x_TD, routing, [1, 5], out_AD)
+    executor._compute_round(x_TD, routing, executor._round_slots(0, [1, 5], x_TD), out_AD)
 
 
 def test_options_are_checked_and_on_the_cli():

@@ -138,11 +138,13 @@ class OffloadedExecutor:
         fits = len(ready) == len(needed)
         overlap = bool(hits and loads) and x_TD.shape[0] >= OVERLAP_MIN_TOKENS
         if fits and not overlap:
+            # The slot table goes up before the wait, so its copy runs on the idle compute stream beside
+            # the experts' copies, not after them on the way to the next layer's routing read.
+            self.pool.device_table(layer)
             self._wait_for_copies(layer, ready)
             if compute is None:
                 y_TD = self._compute_all(layer, x_TD, routing)
             else:
-                self.pool.device_table(layer)  # the table the graph reads, up to date
                 compute.replay()
                 y_TD = None
             self._mark_read(layer, ready)
@@ -168,8 +170,9 @@ class OffloadedExecutor:
         remaining = needed
         while rounds:
             for experts in rounds:
+                slots_E = self._round_slots(layer, experts, x_TD)  # uploaded before the wait, as in run()
                 self._wait_for_copies(layer, experts)
-                self._compute_round(layer, x_TD, routing, experts, out_AD)
+                self._compute_round(x_TD, routing, slots_E, out_AD)
                 self._mark_read(layer, experts)
             done = {e for experts in rounds for e in experts}
             remaining = [e for e in remaining if e not in done]
@@ -342,18 +345,22 @@ class OffloadedExecutor:
         graph.capture_end()
         return graph
 
-    def _compute_round(self, layer: int, x_TD: torch.Tensor, routing: Routing, experts: list[int],
-                       out_AD: torch.Tensor) -> None:
-        """The assignments of `experts` through their slots, written to their rows of out_AD; the other
-        rows are left as they are. No host sync (no size that depends on the routing): the other rows
-        go to slot -1, which the GEMV skips, or to slot S, past the pool, grouped last, where the grouped
-        kernel's offsets leave them out, and a select keeps this round's rows."""
+    def _round_slots(self, layer: int, experts: list[int], x_TD: torch.Tensor) -> torch.Tensor:
+        """The round's expert -> slot table on the device: its experts' slots, and for every other expert
+        slot -1 (skipped by the GEMV) or S (past the pool, left out by the grouped kernel)."""
+        gemv = self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS
+        round_slot_E = torch.full((self.spec.num_experts,), -1 if gemv else self.pool.num_slots)
+        round_slot_E[experts] = torch.tensor([self.planner.slot_of[ExpertId(layer, e)] for e in experts])
+        return _on_device(round_slot_E, x_TD.device)
+
+    def _compute_round(self, x_TD: torch.Tensor, routing: Routing, slots_E: torch.Tensor, out_AD: torch.Tensor) -> None:
+        """The assignments of the round's experts through their slots (slots_E: _round_slots), written to
+        their rows of out_AD; the other rows are left as they are. No host sync (no size that depends on
+        the routing): the other rows go to slot -1, which the GEMV skips, or to slot S, past the pool,
+        grouped last, where the grouped kernel's offsets leave them out, and a select keeps this round's rows."""
         bank, num_slots = self.pool.bank, self.pool.num_slots
         gemv = self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS
-        slots = [self.planner.slot_of[ExpertId(layer, e)] for e in experts]
-        round_slot_E = torch.full((self.spec.num_experts,), -1 if gemv else num_slots)
-        round_slot_E[experts] = torch.tensor(slots)
-        slots_A = _on_device(round_slot_E, x_TD.device)[routing.topk_ids_TK.reshape(-1)]
+        slots_A = slots_E[routing.topk_ids_TK.reshape(-1)]
         if gemv:  # the GEMV skips the rows of slot -1
             gemv_experts(x_TD, slots_A, bank, out_AD)
             return

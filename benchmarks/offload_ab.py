@@ -7,7 +7,6 @@ effect), in alternating rounds of timed decode steps. One JSON line per round.
         read); off, no slot is kept free, and every miss waits for the step's planning.
     --toggle memcpy: expert copies through the runtime's cudaMemcpyAsync (copy_engine.py); off, through
         torch's copy_ on the copy stream made current.
-    --toggle gc: what loading built frozen out of the garbage collector's reach (engine.py); off, unfrozen.
 
     python benchmarks/offload_ab.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB --toggle spare \
         [--routing synthetic:uniform] [--batch 1] [--rounds 3] [--steps 16] [--max-model-len 577]
@@ -16,7 +15,6 @@ effect), in alternating rounds of timed decode steps. One JSON line per round.
 """
 
 import argparse
-import gc
 import json
 import time
 
@@ -60,17 +58,7 @@ def memcpy_switch(engine: Engine):
     return switch
 
 
-def gc_switch(engine: Engine):
-    def switch(on: bool) -> None:
-        if on:
-            gc.collect()
-            gc.freeze()
-        else:
-            gc.unfreeze()
-    return switch
-
-
-SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy_switch, "gc": gc_switch}
+SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy_switch}
 
 
 def main() -> None:

@@ -1,6 +1,5 @@
 """Engine: requests in, tokens out. One step = schedule -> run the model -> sample -> bookkeeping."""
 
-import gc
 import itertools
 import logging
 import os
@@ -88,10 +87,6 @@ class Engine:
         self.sampler = Sampler(self.stop_token_ids)
         self._request_ids = itertools.count()
         self._sequences: dict[str, Sequence] = {}
-        # What loading built lives as long as the engine: out of the collector's reach, a full collection
-        # (which the hot path's small objects trigger now and then) does not walk it all in mid-step.
-        gc.collect()
-        gc.freeze()
 
     def offload_stats(self) -> dict[str, float] | None:
         """The expert cache's numeric counters (hit rate, hits, misses, bytes copied, copy stall,

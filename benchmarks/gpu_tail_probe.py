@@ -1,0 +1,78 @@
+"""The GPU work between one MoE layer's last expert copy and the next layer's first (the part of the copy
+engine's idle window that the GPU, not the host, spends): a torch.profiler trace of two offloaded decode
+steps; per gap, the kernels and small copies by name (calls, microseconds), the GPU's idle time between
+them, and the time from the last of them to the next expert copy (routing read, host planning, launch).
+
+    python benchmarks/gpu_tail_probe.py benchmarks/configs/qwen3-30b-a3b --gpu-memory 12GiB \
+        --routing synthetic:uniform
+"""
+
+import argparse
+import itertools
+import json
+import os
+import tempfile
+
+import torch
+from offload_probe import add_arguments, load
+from torch.profiler import ProfilerActivity, profile
+
+from moetier import SamplingParams
+
+EXPERT_COPY_MIN_BYTES = 1 << 20  # smaller host-to-device copies are slot tables
+GAP_MIN_US = 20  # shorter stretches between copies are back to back
+
+
+def is_expert_copy(event: dict) -> bool:
+    return (event.get("cat") == "gpu_memcpy" and "HtoD" in event.get("name", "")
+            and event.get("args", {}).get("bytes", 0) >= EXPERT_COPY_MIN_BYTES)
+
+
+def tail_by_op(events: list[dict]) -> dict:
+    copies = sorted((e for e in events if is_expert_copy(e)), key=lambda e: e["ts"])
+    gpu_ops = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and not is_expert_copy(e)),
+                     key=lambda e: e["ts"])
+    by_name, gaps, gap_us, idle_us, to_next_copy_us = {}, 0, 0.0, 0.0, 0.0
+    for before, after in itertools.pairwise(copies):
+        end, start = before["ts"] + before["dur"], after["ts"]
+        if start - end < GAP_MIN_US:
+            continue
+        gaps, gap_us, clock = gaps + 1, gap_us + start - end, end
+        for op in (op for op in gpu_ops if end <= op["ts"] < start):
+            idle_us += max(0.0, op["ts"] - clock)
+            clock = max(clock, op["ts"] + op["dur"])
+            calls, us = by_name.get(op["name"][:60], (0, 0.0))
+            by_name[op["name"][:60]] = (calls + 1, us + op["dur"])
+        to_next_copy_us += start - clock
+    per_gap = max(gaps, 1)
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
+    return {"gaps": gaps, "gap_us_mean": round(gap_us / per_gap, 1),
+            "gpu_idle_between_ops_us_per_gap": round(idle_us / per_gap, 1),
+            "last_op_to_next_copy_us_per_gap": round(to_next_copy_us / per_gap, 1),
+            "ops_per_gap": {name: [round(calls / per_gap, 2), round(us / per_gap, 1)] for name, (calls, us) in top}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args()
+    engine = load(args, 577).engine
+    for prompt in torch.randint(0, engine.source.spec.vocab_size, (args.batch, 512)).tolist():
+        engine.add_request(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
+    for _ in range(args.batch + 12):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            engine.step()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    print(json.dumps({"model": args.model, "routing": args.routing, "batch": args.batch, **tail_by_op(events)}))
+
+
+if __name__ == "__main__":
+    main()

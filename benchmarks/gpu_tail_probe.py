@@ -1,10 +1,11 @@
-"""The GPU work between one MoE layer's last expert copy and the next layer's first (the part of the copy
-engine's idle window that the GPU, not the host, spends): a torch.profiler trace of two offloaded decode
-steps; per gap, the kernels and small copies by name (calls, microseconds), the GPU's idle time between
-them, and the time from the last of them to the next expert copy (routing read, host planning, launch).
+"""The GPU work between one expert copy and the next where the copy engine idles (the part of its idle
+time that the GPU, not the host, spends): a torch.profiler trace of two offloaded decode steps (or, with
+--prefill N, of one N-token prefill after a warm-up one); per gap, the kernels and small copies by name
+(calls, microseconds), the GPU's idle time between them, and the time from the last of them to the next
+expert copy (routing read, host planning, launch); the copies' busy time and span.
 
     python benchmarks/gpu_tail_probe.py benchmarks/configs/qwen3-30b-a3b --gpu-memory 12GiB \
-        --routing synthetic:uniform
+        --routing synthetic:uniform [--prefill 512]
 """
 
 import argparse
@@ -46,7 +47,9 @@ def tail_by_op(events: list[dict]) -> dict:
         to_next_copy_us += start - clock
     per_gap = max(gaps, 1)
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
-    return {"gaps": gaps, "gap_us_mean": round(gap_us / per_gap, 1),
+    span_us = copies[-1]["ts"] + copies[-1]["dur"] - copies[0]["ts"] if copies else 0.0
+    return {"copies": len(copies), "copy_busy_us": round(sum(c["dur"] for c in copies)), "copy_span_us": round(span_us),
+            "gaps": gaps, "gap_us_mean": round(gap_us / per_gap, 1),
             "gpu_idle_between_ops_us_per_gap": round(idle_us / per_gap, 1),
             "last_op_to_next_copy_us_per_gap": round(to_next_copy_us / per_gap, 1),
             "ops_per_gap": {name: [round(calls / per_gap, 2), round(us / per_gap, 1)] for name, (calls, us) in top}}
@@ -55,23 +58,35 @@ def tail_by_op(events: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
+    parser.add_argument("--prefill", type=int, default=0, help="profile a prefill of this many tokens instead")
     args = parser.parse_args()
-    engine = load(args, 577).engine
-    for prompt in torch.randint(0, engine.source.spec.vocab_size, (args.batch, 512)).tolist():
-        engine.add_request(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
-    for _ in range(args.batch + 12):
-        engine.step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
+    llm = load(args, max(577, args.prefill + 1))
+    engine = llm.engine
+    prompts = torch.randint(0, engine.source.spec.vocab_size, (args.batch, max(512, args.prefill))).tolist()
+    if args.prefill:
+        one_token = SamplingParams(max_tokens=1, ignore_eos=True)
+        llm.generate(prompts[:1], one_token)  # warm-up: kernels for this shape compiled
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            llm.generate(prompts[:1], one_token)
+            torch.cuda.synchronize()
+    else:
+        for prompt in prompts:
+            engine.add_request(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
+        for _ in range(args.batch + 12):
             engine.step()
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                engine.step()
+            torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    print(json.dumps({"model": args.model, "routing": args.routing, "batch": args.batch, **tail_by_op(events)}))
+    print(json.dumps({"model": args.model, "routing": args.routing, "batch": args.batch, "prefill": args.prefill,
+                      **tail_by_op(events)}))
 
 
 if __name__ == "__main__":

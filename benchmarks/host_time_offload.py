@@ -1,7 +1,8 @@
-"""Host time per MoE layer step of offloaded decode, by executor function, and a cProfile of a few steps.
+"""Host time per MoE layer step of offloaded decode (or, with --prefill N, of N-token prefills), by
+executor function, and a cProfile of a few steps.
 
     python benchmarks/host_time_offload.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB \
-        [--routing synthetic:uniform] [--batch 1]
+        [--routing synthetic:uniform] [--batch 1] [--prefill 512]
 
 Prefills one 512-token prompt per sequence, times 16 decode steps plainly, then 16 more with a
 perf_counter wrapper around the executor's stages (run, the routing read and its sync, planning and
@@ -50,20 +51,43 @@ def decode(engine, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def prefill(llm, prompt: list[list[int]], count: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(count):
+        llm.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
+    parser.add_argument("--prefill", type=int, default=0, help="time prefills of this many tokens, not decode steps")
     args = parser.parse_args()
-    engine = load(args).engine
+    llm = load(args, max(1024, args.prefill + 1))
+    engine = llm.engine
     executor = engine.executor
-    for prompt in torch.randint(0, engine.source.spec.vocab_size, (args.batch, 512)).tolist():
-        engine.add_request(prompt, SamplingParams(max_tokens=3 * STEPS + 12, ignore_eos=True))
-    for _ in range(args.batch + 8):  # the prefills and some decode steps
-        engine.step()
-    plain_s = decode(engine, STEPS)
+    if args.prefill:
+        prompt = torch.randint(0, engine.source.spec.vocab_size, (1, args.prefill)).tolist()
+        steps, profiled_steps = 3, 2
+
+        def work(count: int) -> float:  # seconds per prefill (the same prompt each time, as moetier bench)
+            return prefill(llm, prompt, count)
+        work(1)  # warm-up: kernels for this shape compiled
+    else:
+        steps, profiled_steps = STEPS, 8
+        for prompt in torch.randint(0, engine.source.spec.vocab_size, (args.batch, 512)).tolist():
+            engine.add_request(prompt, SamplingParams(max_tokens=3 * STEPS + 12, ignore_eos=True))
+        for _ in range(args.batch + 8):  # the prefills and some decode steps
+            engine.step()
+
+        def work(count: int) -> float:
+            return decode(engine, count)
+    plain_s = work(steps)
     seconds: defaultdict[str, float] = defaultdict(float)
-    for name in ("run", "_read_routing", "_plan_and_copy", "_compute_all", "_compute_in_rounds", "_prefetch_next",
-                 "_wait_for_copies", "_mark_read", "_score_guess"):
+    for name in ("run", "_read_routing", "_plan_and_copy", "_compute_all", "_compute_in_rounds", "_compute_round",
+                 "_round_slots", "_prefetch_next", "_wait_for_copies", "_mark_read", "_score_guess"):
         time_calls(executor, name, seconds)
     time_calls(executor.planner, "access", seconds)
     time_calls(executor.window, "measure", seconds)
@@ -73,16 +97,17 @@ def main() -> None:
     time_calls(engine, "step", seconds)
     time_calls(engine.runner.graphs, "_replay", seconds)
     sync_before = executor.routing_sync_s
-    timed_s = decode(engine, STEPS)
-    layer_steps = STEPS * len(executor.moe_layers)
+    timed_s = work(steps)
+    layer_steps = steps * len(executor.moe_layers)
     print(json.dumps({
-        "model": args.model, "routing": args.routing, "batch": args.batch, "num_slots": executor.pool.num_slots,
+        "model": args.model, "routing": args.routing, "batch": args.batch, "prefill": args.prefill,
+        "num_slots": executor.pool.num_slots,
         "step_ms_plain": round(plain_s * 1e3, 3), "step_ms_timed": round(timed_s * 1e3, 3),
         "us_per_layer_step": {k: round(v / layer_steps * 1e6, 1) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])},
         "sync_wait_us_per_layer": round((executor.routing_sync_s - sync_before) / layer_steps * 1e6, 1)}), flush=True)
     profiler = cProfile.Profile()
     profiler.enable()
-    decode(engine, 8)
+    work(profiled_steps)
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(45)

@@ -11,7 +11,8 @@ free, so that the next step's first misses need no choice: the executor books th
 and starts their copies right after the routing read (claim_free), before the policy hears of the
 step. The copy engine idles from the end of one layer's copies until the next layer's first copy
 starts, and everything the host does in between stands in that gap (measured on the H100 at batch-1
-decode: ~200 us of host work per layer before its first copy, next to 170-230 us per expert copy).
+decode: 100-150 us of host work per layer before its first copy without spares, 60-90 us with two,
+next to 170-230 us per expert copy; benchmarks/first_copy_probe.py).
 """
 
 import heapq

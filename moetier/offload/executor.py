@@ -319,10 +319,14 @@ class OffloadedExecutor:
 
     def _compute_all(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         bank, slot_of_expert_E = self.pool.bank, self.pool.device_table(layer)
-        if self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS:
+        if self._gemv_sized(x_TD):
             return self._gemv_all(layer, x_TD, routing)
         plan = dispatch(x_TD, routing, bank.num_slots, slot_of_expert_E)
         return combine(self.kernel(plan, bank, self.spec), plan, routing)
+
+    def _gemv_sized(self, x_TD: torch.Tensor) -> bool:
+        """Whether the step's experts run through the decode GEMV (else the grouped kernel)."""
+        return self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS
 
     def _gemv_all(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Every assignment through the slot of its expert (the device table as it stands)."""
@@ -336,7 +340,7 @@ class OffloadedExecutor:
         uploaded first). One replay instead of the slot gather, two GEMV launches and the k-weighted sum:
         at batch 1 the host, not the copy engine, set the pace (benchmarks/host_time_offload.py).
         None where the step is not GEMV-sized."""
-        if not (self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS):
+        if not self._gemv_sized(x_TD):
             return None
         y_TD.copy_(self._gemv_all(layer, x_TD, routing))  # warm-up: kernels compiled outside the capture
         graph = torch.cuda.CUDAGraph()
@@ -348,7 +352,7 @@ class OffloadedExecutor:
     def _round_slots(self, layer: int, experts: list[int], x_TD: torch.Tensor) -> torch.Tensor:
         """The round's expert -> slot table on the device: its experts' slots, and for every other expert
         slot -1 (skipped by the GEMV) or S (past the pool, left out by the grouped kernel)."""
-        gemv = self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS
+        gemv = self._gemv_sized(x_TD)
         round_slot_E = torch.full((self.spec.num_experts,), -1 if gemv else self.pool.num_slots)
         round_slot_E[experts] = torch.tensor([self.planner.slot_of[ExpertId(layer, e)] for e in experts])
         return _on_device(round_slot_E, x_TD.device)
@@ -359,7 +363,7 @@ class OffloadedExecutor:
         the routing): the other rows go to slot -1, which the GEMV skips, or to slot S, past the pool,
         grouped last, where the grouped kernel's offsets leave them out, and a select keeps this round's rows."""
         bank, num_slots = self.pool.bank, self.pool.num_slots
-        gemv = self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS
+        gemv = self._gemv_sized(x_TD)
         slots_A = slots_E[routing.topk_ids_TK.reshape(-1)]
         if gemv:  # the GEMV skips the rows of slot -1
             gemv_experts(x_TD, slots_A, bank, out_AD)

@@ -78,7 +78,7 @@ class SlotPlanner:
                     ) -> tuple[list[int], Iterator[tuple[int, int, ExpertId | None]]]:
         """plan_round with the loads planned one at a time as the caller takes them, so that it can
         start each copy before planning the next; the caller takes them all."""
-        hits = [e for e in experts if ExpertId(layer, e) in self.slot_of and ExpertId(layer, e) not in self._claimed]
+        hits = [e for e in experts if (expert := ExpertId(layer, e)) in self.slot_of and expert not in self._claimed]
         protected = {ExpertId(layer, e) for e in hits} | keep | self._claimed.keys()
         return hits, self._loads(layer, experts, protected)
 

@@ -1,5 +1,5 @@
-"""Offloaded decode with one executor feature on and off, in one process (no run-order or machine
-effect), in alternating rounds of timed decode steps. One JSON line per round.
+"""Offloaded decode (or prefill) with one executor feature on and off, in one process (no run-order or
+machine effect), in alternating rounds of timed decode steps (or prefills). One JSON line per round.
 
     --toggle captured: the piecewise graphs' expert-compute graphs and their in-graph predictor guesses
         (cuda_graphs.PiecewiseDecodeGraphs); off, the executor computes and predicts eagerly.
@@ -7,9 +7,14 @@ effect), in alternating rounds of timed decode steps. One JSON line per round.
         read); off, no slot is kept free, and every miss waits for the step's planning.
     --toggle memcpy: expert copies through the runtime's cudaMemcpyAsync (copy_engine.py); off, through
         torch's copy_ on the copy stream made current.
+    --toggle ahead: a layer step's rounds after the first planned and copying while the round before waits
+        for its copies (planner.next_round); off, each planned after the round before computed, as large as
+        fits (the executor before 2026-11-22).
 
     python benchmarks/offload_ab.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB --toggle spare \
-        [--routing synthetic:uniform] [--batch 1] [--rounds 3] [--steps 16] [--max-model-len 577]
+        [--routing synthetic:uniform] [--batch 1] [--rounds 3] [--steps 16] [--max-model-len 577] [--prefill 512]
+
+--prefill N: each timed step is a prefill of one N-token prompt (the same one, as `moetier bench` repeats it).
 
 (`moetier bench --prompt-len 512 --output-len 64` sizes its KV cache for 577 tokens, and so the slot pool.)
 """
@@ -58,7 +63,46 @@ def memcpy_switch(engine: Engine):
     return switch
 
 
-SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy_switch}
+def ahead_switch(engine: Engine):
+    planner = engine.executor.planner
+    next_round = planner.next_round
+
+    def serial(layer: int, experts: list[int], unread: list[int], width: int):
+        return ([], iter(())) if unread else planner.start_round(layer, experts)
+
+    def switch(on: bool) -> None:
+        planner.next_round = next_round if on else serial
+    return switch
+
+
+SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy_switch, "ahead": ahead_switch}
+
+
+def prefill_ab(args: argparse.Namespace) -> None:
+    """Alternating rounds of timed prefills of one --prefill-token prompt."""
+    h2d_gbps = host_to_device_gbps(pinned=True)
+    llm = load(args, args.max_model_len)
+    engine = llm.engine
+    switch = SWITCHES[args.toggle](engine)
+    prompt = torch.randint(0, engine.source.spec.vocab_size, (1, args.prefill)).tolist()
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    for on in (True, False):  # warm-up: kernels for this shape compiled either way
+        switch(on)
+        llm.generate(prompt, params)
+    for round_ in range(args.rounds):
+        for on in (True, False):
+            switch(on)
+            llm.generate(prompt, params)  # the switch's first prefill (slots laid out anew) is not timed
+            torch.cuda.synchronize()
+            before, start = engine.offload_stats(), time.perf_counter()
+            for _ in range(args.steps - 1):
+                llm.generate(prompt, params)
+            torch.cuda.synchronize()
+            step_s = (time.perf_counter() - start) / (args.steps - 1)
+            figures = offload_figures(before, engine.offload_stats(), args.steps - 1, step_s, args.prefill, h2d_gbps)
+            print(json.dumps({"model": args.model, "routing": args.routing, "prefill": args.prefill, "round": round_,
+                              args.toggle: on, "num_slots": engine.executor.pool.num_slots,
+                              "tok_s": round(args.prefill / step_s, 1), **figures}), flush=True)
 
 
 def main() -> None:
@@ -68,7 +112,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--prefill", type=int, default=0, help="time prefills of this many tokens, not decode")
     args = parser.parse_args()
+    if args.prefill:
+        prefill_ab(args)
+        return
     warm = args.batch + 8  # the prefills and some decode steps
     tokens = warm + 2 * args.rounds * args.steps
     if PROMPT + tokens > args.max_model_len:

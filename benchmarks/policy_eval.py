@@ -15,9 +15,9 @@ router's warm-up) and wrapping around. Slots: results/2026-11-22-h100-offload/RE
 Per policy and phase (b1: 1-token steps, b8: 2-16 tokens, pf: more), per layer step: `rounds` planned by
 the SlotPlanner; `serialized` copies, those whose slot was last read by the compute of the same layer
 step that waits for the copies issued just before them (the copy engine idles through that compute),
-and `gaps`, the rounds that begin with such a copy. `order` "serial" plans round r + 1 after round r
-computes (the executor's `_compute_in_rounds`); "ahead" plans it before, beside round r's experts (a
-study: branch stream-rounds). Hit rates do not depend on the executor's split of the first round.
+and `gaps`, the rounds that begin with such a copy. `order` "ahead" plans rounds as the executor does
+(SlotPlanner.plan_step: round r + 1 planned before round r computes, beside round r's loads, at most half
+the first round's width); "serial" plans round r + 1 after round r computed, as large as fits (the executor before 2026-11-22).
 """
 
 import argparse
@@ -87,13 +87,8 @@ def replay(trace: RoutingTrace, policy: str, slots: int, ahead: bool) -> dict:
         planner.access(layer, needed)
         accesses += len(needed)
         waits_on: dict[int, int] = {}  # slot -> the copy round its last compute (this layer step) waited for
-        remaining, computing, rounds, serialized, gaps = needed, frozenset(), 0, 0, 0
-        while remaining:
-            # Planned ahead, round r + 1 keeps round r's experts (computing then); when that leaves it
-            # no slot, it is planned after round r computes, as always before.
-            round_hits, loads = planner.plan_round(layer, remaining, computing if ahead else frozenset())
-            if not round_hits and not loads:
-                round_hits, loads = planner.plan_round(layer, remaining)
+        rounds = serialized = gaps = 0
+        for round_hits, loads in planner.plan_step(layer, needed) if ahead else serial_rounds(planner, layer, needed):
             late = sum(waits_on.get(slot) == rounds - 1 for _, slot, _ in loads)
             serialized, gaps = serialized + late, gaps + (late > 0)
             hits += len(round_hits)
@@ -103,11 +98,19 @@ def replay(trace: RoutingTrace, policy: str, slots: int, ahead: bool) -> dict:
                 waits_on[planner.slot_of[ExpertId(layer, e)]] = rounds
             for e, slot, _ in loads:
                 waits_on[slot] = rounds
-            computing = frozenset(ExpertId(layer, e) for e in [*round_hits, *(e for e, _, _ in loads)])
-            remaining = [e for e in remaining if ExpertId(layer, e) not in computing]
             rounds += 1
         rows.append((width, rounds, serialized, gaps))
     return {"hits": hits, "accesses": accesses, "rows": np.array(rows)}
+
+
+def serial_rounds(planner: SlotPlanner, layer: int, needed: list[int]):
+    """Rounds as the executor planned them before 2026-11-22: each after the one before computed, as large as fits."""
+    remaining = needed
+    while remaining:
+        round_hits, loads = planner.plan_round(layer, remaining)
+        yield round_hits, loads
+        done = set(round_hits) | {e for e, _, _ in loads}
+        remaining = [e for e in remaining if e not in done]
 
 
 def report(shape: str, routing: str, slots: int, policy: str, order: str, result: dict) -> dict:

@@ -8,10 +8,11 @@ from moetier import LLM
 from moetier.kernels import fuse
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
-def test_fused_functions_trace_fullgraph_and_match_eager(family, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("family,slots", [("qwen3_moe", None), ("qwen2_moe", None), ("qwen3_moe", 3)])
+def test_fused_functions_trace_fullgraph_and_match_eager(family, slots, tmp_path, monkeypatch, caplog):
+    """slots: offloaded, the layers' steps in rounds (their dispatch fused too)."""
     make_checkpoint(family, tmp_path)
-    llm = LLM(str(tmp_path), dtype="float32", max_model_len=64)
+    llm = LLM(str(tmp_path), dtype="float32", max_model_len=64, expert_slots=slots)
     ids = list(range(5, 30))
     eager = llm.score(ids)
     monkeypatch.setattr(fuse, "cpu_backend", "aot_eager")

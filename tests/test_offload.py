@@ -214,15 +214,15 @@ def test_rounds_equal_one_pass_bitwise(kernel, tokens, bias, monkeypatch):
         cuts = sorted(rng.sample(range(1, len(needed)), min(seed % 4, len(needed) - 1)))  # 1 to 4 rounds
         rounds = [needed[a:b] for a, b in zip([0, *cuts], [*cuts, len(needed)])]
         before_AD = torch.randn(ids_A.numel(), x_TD.shape[1])
-        out_AD, done = before_AD.clone(), 0
+        out_A1D, done = torch.cat([before_AD, torch.randn(1, x_TD.shape[1])]), 0  # the last row: a dump
         for experts in rounds:
-            executor._compute_round(x_TD, routing, executor._round_slots(0, experts, x_TD), out_AD)
+            executor._compute_round(x_TD, routing, executor._round_slots(0, experts, x_TD), out_A1D)
             done += len(experts)
             pending_A = torch.isin(ids_A, torch.tensor(needed[done:], dtype=torch.int64))
-            assert torch.equal(out_AD[pending_A], before_AD[pending_A])
+            assert torch.equal(out_A1D[:-1][pending_A], before_AD[pending_A])
             if kernel == "gemv":
                 assert read_S.pop() <= {executor.planner.slot_of[ExpertId(0, e)] for e in experts}
-        assert torch.equal(weighted_k_sum(out_AD, routing.topk_weights_TK), expected_TD)
+        assert torch.equal(weighted_k_sum(out_A1D[:-1], routing.topk_weights_TK), expected_TD)
 
 
 def test_decode_sized_steps_are_bitwise_resident_through_the_gemv(qwen3, monkeypatch):
@@ -259,8 +259,8 @@ def test_rounds_read_nothing_on_the_host(kernel, tokens, monkeypatch):
     raises here. bf16: grouped_mm's meta kernel takes no other dtype."""
     monkeypatch.setattr(executor_module, "gemv_experts", _gemv_reference)
     executor, x_TD, routing = _round_case(kernel, tokens, 0, device="meta", dtype=torch.bfloat16)
-    out_AD = torch.empty(routing.topk_ids_TK.numel(), x_TD.shape[1], dtype=x_TD.dtype, device="meta")
-    executor._compute_round(x_TD, routing, executor._round_slots(0, [1, 5], x_TD), out_AD)
+    out_A1D = torch.empty(routing.topk_ids_TK.numel() + 1, x_TD.shape[1], dtype=x_TD.dtype, device="meta")
+    executor._compute_round(x_TD, routing, executor._round_slots(0, [1, 5], x_TD), out_A1D)
 
 
 def test_options_are_checked_and_on_the_cli():

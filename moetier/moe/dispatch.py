@@ -37,6 +37,26 @@ def _dispatch(x_TD, topk_ids_TK, num_slots: int, slot_of_expert_E):
     return group_by_slot(x_TD, slots_A, num_slots, topk_ids_TK.shape[1])
 
 
+def dispatch_round(x_TD: torch.Tensor, routing: Routing, num_slots: int, slot_of_expert_E: torch.Tensor
+                   ) -> tuple[Dispatch, torch.Tensor]:
+    """A round of an offloaded layer step (offload/executor.py): the assignments of the experts in slots
+    grouped by slot; those of the others (slot `num_slots`, past the pool) sorted last, past every group,
+    so the grouped kernel leaves them out. With each sorted row's destination: its assignment row, or
+    A (a dump row) for the left-out ones. One fused call: a round's host time is its launches."""
+    *plan, rows_A = _dispatch_round(x_TD, routing.topk_ids_TK, num_slots, slot_of_expert_E)
+    return Dispatch(*plan), rows_A
+
+
+@fused
+def _dispatch_round(x_TD, topk_ids_TK, num_slots: int, slot_of_expert_E):
+    slots_A = slot_of_expert_E[topk_ids_TK.reshape(-1)]
+    order_A, slots_sorted_A, x_sorted_AD, counts_S1, ends_S1 = group_by_slot(x_TD, slots_A, num_slots + 1,
+                                                                             topk_ids_TK.shape[1])
+    rows_A = torch.where(slots_sorted_A < num_slots, order_A, slots_A.numel())
+    # The clamp keeps the left-out rows' bias reads (gpt-oss) inside the pool.
+    return order_A, slots_sorted_A.clamp(max=num_slots - 1), x_sorted_AD, counts_S1[:-1], ends_S1[:-1], rows_A
+
+
 def group_by_slot(x_TD, slots_A, num_slots: int, top_k: int):
     """Assignment rows (t*K + k) grouped by their slots, stable, so rows keep ascending order within a
     slot: (rows, sorted slots, x rows, counts, ends)."""

@@ -12,8 +12,9 @@ After the step the planner frees spare slots again for the next layer. Overlap:
 with more tokens than the decode GEMV takes, the hits compute first while the misses stream in;
 when a layer needed nearly every expert (a long prompt under spread routing), the next MoE
 layer's experts start copying behind its own into slots this layer does not need. If the layer
-needs more experts than there are slots (or the policy declines to evict), it runs in rounds. Rounds
-write their assignment rows into one [A, D] buffer and one k-ordered sum follows, the same sum the
+needs more experts than there are slots (or the policy declines to evict), it runs in rounds, each
+planned and copying while the one before waits for its copies (planner.py: two sets of slots). Rounds
+write their assignment rows into one [A + 1, D] buffer (a dump row last) and one k-ordered sum follows, the same sum the
 resident combine ends with; they pick their rows on the device, so the layer's only host sync stays
 the routing read (but for the looped fallback kernel, which reads its counts on the host anyway).
 Otherwise a predictor (offload/predict.py) guesses the next MoE layer's experts, its guess read in
@@ -24,13 +25,13 @@ half were right.
 """
 
 import time
-from collections import Counter
+from collections import Counter, deque
 
 import numpy as np
 import torch
 
 from moetier.models.spec import ModelSpec
-from moetier.moe.dispatch import Dispatch, combine, dispatch, group_by_slot, weighted_k_sum
+from moetier.moe.dispatch import combine, dispatch, dispatch_round, weighted_k_sum
 from moetier.moe.executor import expert_kernels
 from moetier.moe.experts import ExpertId, ExpertLayout, ExpertWeights
 from moetier.moe.grouped import GEMV_MAX_TOKENS, gemv_experts
@@ -150,7 +151,9 @@ class OffloadedExecutor:
             self._mark_read(layer, ready)
         else:
             rounds = [sorted(hits), sorted(loads)] if overlap else [ready]
-            y_TD = self._compute_in_rounds(layer, x_TD, routing, rounds, needed)
+            done = set(ready)
+            y_TD = self._compute_in_rounds(layer, x_TD, routing, rounds, [e for e in needed if e not in done],
+                                           width=len(ready))
         for _, evicted in self.planner.end_step({ExpertId(layer, e) for e in needed}):
             self.pool.release(evicted)
             self.prefetched.discard(evicted)
@@ -163,26 +166,38 @@ class OffloadedExecutor:
             self._prefetch_guess(layer, needed, guessed)
 
     def _compute_in_rounds(self, layer: int, x_TD: torch.Tensor, routing: Routing, rounds: list[list[int]],
-                           needed: list[int]) -> torch.Tensor:
-        """Rounds: the hits compute while the misses stream in (overlap); a pool smaller than the
-        layer's needs loads the rest after each round's reads."""
-        out_AD = torch.empty(routing.topk_ids_TK.numel(), x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device)
-        remaining = needed
+                           remaining: list[int], width: int) -> torch.Tensor:
+        """Rounds, their copies started: the hits compute while the misses stream in (overlap); the
+        `remaining` experts, for which the pool had no slot yet, follow in further rounds of at most half
+        the `width` of the first. Each is planned and starts copying before the round ahead of it
+        computes, beside that round's experts, if any slot is left beside them (planner.next_round),
+        else after."""
+        # one row per assignment, and a dump row for the writes of the rows outside a round
+        out_A1D = torch.empty(routing.topk_ids_TK.numel() + 1, x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device)
+        rounds = deque(rounds)
         while rounds:
-            for experts in rounds:
-                slots_E = self._round_slots(layer, experts, x_TD)  # uploaded before the wait, as in run()
-                self._wait_for_copies(layer, experts)
-                self._compute_round(x_TD, routing, slots_E, out_AD)
-                self._mark_read(layer, experts)
-            done = {e for experts in rounds for e in experts}
-            remaining = [e for e in remaining if e not in done]
-            if remaining:
-                self.window.discard()
-                hits, loads = self._plan_and_copy(layer, remaining)
-                rounds = [sorted(hits + loads)]
-            else:
-                rounds = []
-        return weighted_k_sum(out_AD, routing.topk_weights_TK)
+            experts = rounds.popleft()
+            if remaining and not rounds:
+                remaining = self._plan_next_round(layer, remaining, experts, width, rounds)
+            slots_E = self._round_slots(layer, experts, x_TD)  # uploaded before the wait, as in run()
+            self._wait_for_copies(layer, experts)
+            self._compute_round(x_TD, routing, slots_E, out_A1D)
+            self._mark_read(layer, experts)
+            if remaining and not rounds:
+                remaining = self._plan_next_round(layer, remaining, [], width, rounds)
+        return weighted_k_sum(out_A1D[:-1], routing.topk_weights_TK)
+
+    def _plan_next_round(self, layer: int, remaining: list[int], unread: list[int], width: int, rounds: deque
+                         ) -> list[int]:
+        """Plans the next round of `remaining` beside the `unread` experts and starts its copies; appends
+        it to `rounds` unless nothing fitted. Returns the experts still to plan."""
+        self.window.discard()  # the layer's copy timings now include waits for compute
+        hits, loads = self._plan_and_copy(layer, remaining, next_round=(unread, width))
+        if not hits and not loads:
+            return remaining
+        rounds.append(sorted(hits + loads))
+        done = set(hits + loads)
+        return [e for e in remaining if e not in done]
 
     def _read_routing(self, topk_ids_TK: torch.Tensor, guess_TK: torch.Tensor | None
                       ) -> tuple[list[int], np.ndarray | None]:
@@ -221,10 +236,15 @@ class OffloadedExecutor:
         self.pool.assign(slot, expert, evicted, filled)
 
     def _plan_and_copy(self, layer: int, experts: list[int], keep: frozenset[ExpertId] = frozenset(),
-                       prefetch: bool = False, copied: int = 0) -> tuple[list[int], list[int]]:
+                       prefetch: bool = False, copied: int = 0, next_round: tuple[list[int], int] | None = None
+                       ) -> tuple[list[int], list[int]]:
         """Plans as many of `experts` as fit beside the hits (never evicting `keep`) and starts the
-        copies of the misses: (hits, loads). The first `copied` loads are the claimed ones, copying already."""
-        hits, planned = self.planner.start_round(layer, experts, keep)
+        copies of the misses: (hits, loads). The first `copied` loads are the claimed ones, copying already.
+        With `next_round` (unread experts, width), a round after the step's first (planner.next_round)."""
+        if next_round is None:
+            hits, planned = self.planner.start_round(layer, experts, keep)
+        else:
+            hits, planned = self.planner.next_round(layer, experts, *next_round)
         loaded = []
         with self.copy_engine.issuing():
             for e, slot, evicted in planned:  # each copy starts before the next load is planned
@@ -352,29 +372,23 @@ class OffloadedExecutor:
     def _round_slots(self, layer: int, experts: list[int], x_TD: torch.Tensor) -> torch.Tensor:
         """The round's expert -> slot table on the device: its experts' slots, and for every other expert
         slot -1 (skipped by the GEMV) or S (past the pool, left out by the grouped kernel)."""
-        gemv = self._gemv_sized(x_TD)
-        round_slot_E = torch.full((self.spec.num_experts,), -1 if gemv else self.pool.num_slots)
-        round_slot_E[experts] = torch.tensor([self.planner.slot_of[ExpertId(layer, e)] for e in experts])
-        return _on_device(round_slot_E, x_TD.device)
+        round_slot_E = np.full(self.spec.num_experts, -1 if self._gemv_sized(x_TD) else self.pool.num_slots)
+        round_slot_E[experts] = [self.planner.slot_of[ExpertId(layer, e)] for e in experts]
+        return _on_device(torch.from_numpy(round_slot_E), x_TD.device)
 
-    def _compute_round(self, x_TD: torch.Tensor, routing: Routing, slots_E: torch.Tensor, out_AD: torch.Tensor) -> None:
+    def _compute_round(self, x_TD: torch.Tensor, routing: Routing, slots_E: torch.Tensor, out_A1D: torch.Tensor
+                       ) -> None:
         """The assignments of the round's experts through their slots (slots_E: _round_slots), written to
-        their rows of out_AD; the other rows are left as they are. No host sync (no size that depends on
-        the routing): the other rows go to slot -1, which the GEMV skips, or to slot S, past the pool,
-        grouped last, where the grouped kernel's offsets leave them out, and a select keeps this round's rows."""
-        bank, num_slots = self.pool.bank, self.pool.num_slots
-        gemv = self._gemv_sized(x_TD)
-        slots_A = slots_E[routing.topk_ids_TK.reshape(-1)]
-        if gemv:  # the GEMV skips the rows of slot -1
-            gemv_experts(x_TD, slots_A, bank, out_AD)
+        their rows of out_A1D ([A + 1, D]); the other rows are left as they are. No host sync (no size that
+        depends on the routing): the other rows go to slot -1, which the GEMV skips, or to slot S, past the
+        pool, sorted last, where the grouped kernel's offsets leave them out, and their results go to the
+        last row of out_A1D, a dump."""
+        bank = self.pool.bank
+        if self._gemv_sized(x_TD):  # the GEMV skips the rows of slot -1
+            gemv_experts(x_TD, slots_E[routing.topk_ids_TK.reshape(-1)], bank, out_A1D[:-1])
             return
-        top_k = routing.topk_ids_TK.shape[1]
-        order_A, slots_sorted_A, x_sorted_AD, counts_S1, ends_S1 = group_by_slot(x_TD, slots_A, num_slots + 1, top_k)
-        # The clamp keeps the left-out rows' bias reads (gpt-oss) inside the pool.
-        plan = Dispatch(order_A, slots_sorted_A.clamp(max=num_slots - 1), x_sorted_AD, counts_S1[:-1], ends_S1[:-1])
-        y_AD = torch.empty_like(out_AD)
-        y_AD[order_A] = self.kernel(plan, bank, self.spec)
-        out_AD.copy_(torch.where((slots_A < num_slots)[:, None], y_AD, out_AD))
+        plan, rows_A = dispatch_round(x_TD, routing, self.pool.num_slots, slots_E)
+        out_A1D[rows_A] = self.kernel(plan, bank, self.spec)
 
     # --- stats ------------------------------------------------------------------------------
 

@@ -13,9 +13,17 @@ step. The copy engine idles from the end of one layer's copies until the next la
 starts, and everything the host does in between stands in that gap (measured on the H100 at batch-1
 decode: 100-150 us of host work per layer before its first copy without spares, 60-90 us with two,
 next to 170-230 us per expert copy; benchmarks/first_copy_probe.py).
+
+Rounds: a layer step that needs more experts than it may hold streams them through its slots in rounds.
+Each round after the first is planned while the one before still waits for its copies (next_round):
+beside that round's loads, which it may not evict, and at most half the slots the layer holds, so the
+layer streams through two sets of slots, one copying while the other computes. Planned after the round
+before computed, a round's copies would wait for that compute, and the copy engine would idle through it
+(on the H100, ~0.7 ms per round of a Qwen3-30B-A3B prefill: benchmarks/gpu_tail_probe.py --prefill).
 """
 
 import heapq
+import itertools
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -74,13 +82,44 @@ class SlotPlanner:
         hits, loads = self.start_round(layer, experts, keep)
         return hits, list(loads)
 
-    def start_round(self, layer: int, experts: list[int], keep: frozenset[ExpertId] = frozenset()
-                    ) -> tuple[list[int], Iterator[tuple[int, int, ExpertId | None]]]:
+    def start_round(self, layer: int, experts: list[int], keep: frozenset[ExpertId] = frozenset(),
+                    limit: int | None = None) -> tuple[list[int], Iterator[tuple[int, int, ExpertId | None]]]:
         """plan_round with the loads planned one at a time as the caller takes them, so that it can
-        start each copy before planning the next; the caller takes them all."""
+        start each copy before planning the next; the caller takes them all. At most `limit` loads."""
         hits = [e for e in experts if (expert := ExpertId(layer, e)) in self.slot_of and expert not in self._claimed]
         protected = {ExpertId(layer, e) for e in hits} | keep | self._claimed.keys()
-        return hits, self._loads(layer, experts, protected)
+        return hits, itertools.islice(self._loads(layer, experts, protected), limit)
+
+    def next_round(self, layer: int, experts: list[int], unread: list[int], width: int
+                   ) -> tuple[list[int], Iterator[tuple[int, int, ExpertId | None]]]:
+        """start_round for a round after the step's first, which held `width` experts, while the `unread`
+        experts (of the round before) wait for their compute: those kept, at most half the width (the
+        layer streams through two sets of slots). Neither hits nor loads when nothing fits beside them:
+        the caller computes that round first and plans again with nothing unread."""
+        keep = frozenset(ExpertId(layer, e) for e in unread)
+        hits, loads = self.start_round(layer, experts, keep, limit=max(1, (width + 1) // 2))
+        loads = _peeked(loads)
+        return hits, iter(()) if loads is None else loads
+
+    def plan_step(self, layer: int, needed: list[int]) -> Iterator[tuple[list[int], list[tuple[int, int, ExpertId | None]]]]:
+        """A layer step's rounds as the executor plans its wide steps, for callers that only count (the
+        simulator): (hits, loads) per round, each after the first planned beside the loads of the round
+        before (next_round; the first round's hits compute apart, before its loads have arrived)."""
+        hits, loads = self.plan_round(layer, needed)
+        width, remaining = len(hits) + len(loads), needed
+        while hits or loads:
+            yield hits, loads
+            unread = [e for e, _, _ in loads]
+            done = set(hits).union(unread)
+            remaining = [e for e in remaining if e not in done]
+            if not remaining:
+                return
+            hits, loads = self.next_round(layer, remaining, unread, width)
+            loads = list(loads)
+            if not hits and not loads:  # the executor computes the round before, then plans again
+                hits, loads = self.next_round(layer, remaining, [], width)
+                loads = list(loads)
+        raise RuntimeError("no expert could be made resident (the pool has no slot)")
 
     def end_step(self, protected: set[ExpertId]) -> list[tuple[int, ExpertId]]:
         """After a layer step: evicts the policy's victims (never `protected`) until `spare` slots are
@@ -135,3 +174,9 @@ class SlotPlanner:
         self.resident[expert.layer].discard(expert)
         self.policy.evicted(expert)
         return slot
+
+
+def _peeked(items: Iterator) -> Iterator | None:
+    """`items` unchanged, or None when it is empty (its first item is taken to know)."""
+    first = next(items, None)
+    return None if first is None else itertools.chain([first], items)

@@ -78,14 +78,8 @@ def _replay(planner: SlotPlanner, events) -> tuple[int, int]:
     hits = misses = 0
     for layer, needed in events:
         planner.access(layer, needed)
-        remaining = needed
-        while remaining:
-            round_hits, loads = planner.plan_round(layer, remaining)
-            if not round_hits and not loads:
-                raise RuntimeError("no expert could be made resident (the pool has no slot)")
+        for round_hits, loads in planner.plan_step(layer, needed):
             hits, misses = hits + len(round_hits), misses + len(loads)
-            done = set(round_hits) | {e for e, _, _ in loads}
-            remaining = [e for e in remaining if e not in done]
         planner.end_step({ExpertId(layer, e) for e in needed})
     return hits, misses
 

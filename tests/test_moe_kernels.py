@@ -43,6 +43,6 @@ def test_kernels_match_per_token_reference(kernel, activation, bias):
     ids_TK[:, 0] = 3  # a popular expert, and experts 0..5 partly unused
     routing = Routing(ids_TK, torch.rand(tokens, top_k))
     plan = dispatch(x_TD, routing, num_experts)
-    assert plan.counts_S.sum() == tokens * top_k and plan.ends_S[-1] == tokens * top_k
+    assert plan.ends_S[-1] == tokens * top_k and bool((plan.ends_S.diff() >= 0).all())
     y_TD = combine(kernel(plan, bank, spec), plan, routing)
     torch.testing.assert_close(y_TD, _reference(x_TD, routing, bank, spec), rtol=1e-5, atol=1e-4)

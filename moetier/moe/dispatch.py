@@ -6,6 +6,7 @@ The combine sums each token's K expert outputs in the fixed k order, so any exec
 computes the same per-expert outputs (resident or offloaded) gets bitwise identical results.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,6 @@ class Dispatch:
     order_A: torch.Tensor  # assignment index (t*K + k) of each row of x_sorted_AD
     slots_sorted_A: torch.Tensor  # slot of each sorted row (ascending)
     x_sorted_AD: torch.Tensor  # token rows grouped by slot
-    counts_S: torch.Tensor  # rows per slot (int32)
     ends_S: torch.Tensor  # cumulative row ends per slot (int32): the grouped GEMM's offsets
 
 
@@ -42,29 +42,32 @@ def dispatch_round(x_TD: torch.Tensor, routing: Routing, num_slots: int, slot_of
     """A round of an offloaded layer step (offload/executor.py): the assignments of the experts in slots
     grouped by slot; those of the others (slot `num_slots`, past the pool) sorted last, past every group,
     so the grouped kernel leaves them out. With each sorted row's destination: its assignment row, or
-    A (a dump row) for the left-out ones. One fused call: a round's host time is its launches."""
-    *plan, rows_A = _dispatch_round(x_TD, routing.topk_ids_TK, num_slots, slot_of_expert_E)
-    return Dispatch(*plan), rows_A
-
-
-@fused
-def _dispatch_round(x_TD, topk_ids_TK, num_slots: int, slot_of_expert_E):
+    A (a dump row) for the left-out ones. Eager, in few torch calls: a layer step may run a dozen rounds,
+    and their launches are host time the copies can wait for (torch.compile's wrapper cost ~0.7 ms of host
+    time a call here, with the prefill's dynamic shapes; benchmarks/host_time_offload.py --prefill)."""
+    topk_ids_TK = routing.topk_ids_TK
     slots_A = slot_of_expert_E[topk_ids_TK.reshape(-1)]
-    order_A, slots_sorted_A, x_sorted_AD, counts_S1, ends_S1 = group_by_slot(x_TD, slots_A, num_slots + 1,
-                                                                             topk_ids_TK.shape[1])
+    slots_sorted_A, order_A = torch.sort(slots_A, stable=True)
+    ends_S = torch.searchsorted(slots_sorted_A, _slot_ids(num_slots, slots_A.device), right=True, out_int32=True)
     rows_A = torch.where(slots_sorted_A < num_slots, order_A, slots_A.numel())
     # The clamp keeps the left-out rows' bias reads (gpt-oss) inside the pool.
-    return order_A, slots_sorted_A.clamp(max=num_slots - 1), x_sorted_AD, counts_S1[:-1], ends_S1[:-1], rows_A
+    plan = Dispatch(order_A, slots_sorted_A.clamp(max=num_slots - 1), x_TD[order_A // topk_ids_TK.shape[1]], ends_S)
+    return plan, rows_A
+
+
+@functools.cache
+def _slot_ids(num_slots: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(num_slots, device=device)
 
 
 def group_by_slot(x_TD, slots_A, num_slots: int, top_k: int):
     """Assignment rows (t*K + k) grouped by their slots, stable, so rows keep ascending order within a
-    slot: (rows, sorted slots, x rows, counts, ends)."""
+    slot: (rows, sorted slots, x rows, ends)."""
     slots_sorted_A, order_A = torch.sort(slots_A, stable=True)
     counts_S = torch.zeros(num_slots, dtype=torch.int32, device=x_TD.device)
     counts_S.index_add_(0, slots_A, torch.ones_like(slots_A, dtype=torch.int32))
     ends_S = torch.cumsum(counts_S, dim=0, dtype=torch.int32)
-    return order_A, slots_sorted_A, x_TD[order_A // top_k], counts_S, ends_S
+    return order_A, slots_sorted_A, x_TD[order_A // top_k], ends_S
 
 
 def combine(out_sorted_AD: torch.Tensor, plan: Dispatch, routing: Routing) -> torch.Tensor:

@@ -4,7 +4,7 @@ for decode-sized batches on the GPU, a per-assignment GEMV that needs no dispatc
 Legend: A sorted assignments, D hidden, F expert intermediate, S slots.
 Where grouped_mm cannot run (CUDA below sm80, or a dtype it lacks there) and on the CPU (where
 torch's grouped_mm has a large fixed cost per call), a per-slot loop over the same packed
-weights computes the same function; it reads the counts on the host.
+weights computes the same function; it reads the offsets on the host.
 """
 
 import functools
@@ -66,19 +66,19 @@ def grouped_experts(plan: Dispatch, bank: ExpertBank, spec: MoESpec) -> torch.Te
 
 
 def looped_experts(plan: Dispatch, bank: ExpertBank, spec: MoESpec) -> torch.Tensor:
-    """Same function, one slot at a time (host reads the counts)."""
+    """Same function, one slot at a time (host reads the offsets)."""
     parts = bank.parts
     out_AD = torch.empty_like(plan.x_sorted_AD)
     start = 0
-    for slot, count in enumerate(plan.counts_S.tolist()):
-        if not count:
+    for slot, end in enumerate(plan.ends_S.tolist()):
+        if end == start:
             continue
-        rows = slice(start, start + count)
+        rows = slice(start, end)
         bias = parts["gate_up_bias"][slot] if spec.expert_bias else None
         act_NF = _activation(F.linear(plan.x_sorted_AD[rows], parts["gate_up"][slot], bias), spec)
         bias = parts["down_bias"][slot] if spec.expert_bias else None
         out_AD[rows] = F.linear(act_NF, parts["down"][slot], bias)
-        start += count
+        start = end
     return out_AD
 
 

@@ -16,7 +16,7 @@ needs more experts than there are slots (or the policy declines to evict), it ru
 planned and copying while the one before waits for its copies (planner.py: two sets of slots). Rounds
 write their assignment rows into one [A + 1, D] buffer (a dump row last) and one k-ordered sum follows, the same sum the
 resident combine ends with; they pick their rows on the device, so the layer's only host sync stays
-the routing read (but for the looped fallback kernel, which reads its counts on the host anyway).
+the routing read (but for the looped fallback kernel, which reads its offsets on the host anyway).
 Otherwise a predictor (offload/predict.py) guesses the next MoE layer's experts, its guess read in
 the same sync as the routing, and those not resident start copying behind this layer's misses, so
 the copy engine keeps working through the next layer's attention, router and routing read; the
@@ -26,6 +26,7 @@ half were right.
 
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -105,6 +106,7 @@ class OffloadedExecutor:
         self._calls = 0
         self.window = PrefetchWindow(self.copy_engine)
         self._ids_host = torch.empty(0, dtype=torch.int64)  # pinned on CUDA: where the routing lands
+        self._round_tables = TableUploads(self.spec.num_experts, device)
 
     @property
     def expert_weights(self) -> ExpertWeights:
@@ -372,9 +374,10 @@ class OffloadedExecutor:
     def _round_slots(self, layer: int, experts: list[int], x_TD: torch.Tensor) -> torch.Tensor:
         """The round's expert -> slot table on the device: its experts' slots, and for every other expert
         slot -1 (skipped by the GEMV) or S (past the pool, left out by the grouped kernel)."""
-        round_slot_E = np.full(self.spec.num_experts, -1 if self._gemv_sized(x_TD) else self.pool.num_slots)
-        round_slot_E[experts] = [self.planner.slot_of[ExpertId(layer, e)] for e in experts]
-        return _on_device(torch.from_numpy(round_slot_E), x_TD.device)
+        host_E, upload = self._round_tables.next_row()
+        host_E.fill(-1 if self._gemv_sized(x_TD) else self.pool.num_slots)
+        host_E[experts] = [self.planner.slot_of[ExpertId(layer, e)] for e in experts]
+        return upload()
 
     def _compute_round(self, x_TD: torch.Tensor, routing: Routing, slots_E: torch.Tensor, out_A1D: torch.Tensor
                        ) -> None:
@@ -437,6 +440,30 @@ def _first_seen(guess: np.ndarray | None) -> list[int]:
     return guess[np.sort(first_at)].tolist()
 
 
-def _on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on the device without blocking the host (pinned source, asynchronous copy)."""
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+class TableUploads:
+    """Small int64 tables to the device, asynchronously, from the rows of one pinned buffer in turn (a pinned
+    copy per upload, pin_memory(), cost ~100 us of host time a round on the device H100); a row is written
+    again once the copy out of it completed (`rows` uploads later, so the host hardly ever waits)."""
+
+    def __init__(self, width: int, device: torch.device, rows: int = 64):
+        self.device = device
+        self.host_RW = torch.empty((rows, width), dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.copied: list[torch.cuda.Event | None] = [None] * rows
+        self._next = 0
+
+    def next_row(self) -> tuple[np.ndarray, Callable[[], torch.Tensor]]:
+        """A row to write the table into, and the call that then uploads it (a new device tensor)."""
+        row = self._next
+        self._next = (row + 1) % len(self.copied)
+        if self.copied[row] is not None:
+            self.copied[row].synchronize()
+        return self.host_RW[row].numpy(), lambda: self._upload(row)
+
+    def _upload(self, row: int) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return self.host_RW[row].clone().to(self.device)
+        table = torch.empty(self.host_RW.shape[1], dtype=torch.int64, device=self.device)
+        table.copy_(self.host_RW[row], non_blocking=True)
+        self.copied[row] = torch.cuda.Event()
+        self.copied[row].record()
+        return table

@@ -86,7 +86,10 @@ class SlotPlanner:
                     limit: int | None = None) -> tuple[list[int], Iterator[tuple[int, int, ExpertId | None]]]:
         """plan_round with the loads planned one at a time as the caller takes them, so that it can
         start each copy before planning the next; the caller takes them all. At most `limit` loads."""
-        hits = [e for e in experts if (expert := ExpertId(layer, e)) in self.slot_of and expert not in self._claimed]
+        # by the layer's few resident experts, not an ExpertId per expert asked for (a round of a wide step
+        # asks for a hundred, nearly none resident)
+        held = {x.expert for x in self.resident[layer] if x not in self._claimed}
+        hits = [e for e in experts if e in held]
         protected = {ExpertId(layer, e) for e in hits} | keep | self._claimed.keys()
         return hits, itertools.islice(self._loads(layer, experts, protected), limit)
 

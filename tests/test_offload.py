@@ -284,8 +284,8 @@ def _spec():
        steps=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 7), min_size=1, max_size=8),
                                 st.booleans()), max_size=12))
 def test_needed_experts_are_never_evicted(slots, policy, steps):
-    """Rounds and next-layer prefetches (as in prefill) never evict an expert the layer needs, and
-    never refill a slot before its last reader."""
+    """Rounds and next-layer prefetches (as in prefill) never evict an expert of the round to compute
+    (a prefetch after the last round keeps that round's), and never refill a slot before its last reader."""
     spec = _spec()
     executor = OffloadedExecutor(spec, torch.float32, "cpu", slots, policy, DelayedCopyEngine())
     for layer, needed, prefetch in steps:
@@ -297,7 +297,7 @@ def test_needed_experts_are_never_evicted(slots, policy, steps):
             assert round_experts, "every round makes progress"
             assert resident_hits <= set(round_experts)  # hits are never evicted to make room
             if prefetch and len(round_experts) == len(remaining):
-                executor._prefetch_after(layer, round_experts)
+                executor._prefetch_after(layer, round_experts, frozenset(ExpertId(layer, e) for e in round_experts))
             held = [executor.planner.slot_of.get(ExpertId(layer, e)) for e in round_experts]
             assert None not in held and len(set(held)) == len(held)
             executor._wait_for_copies(layer, round_experts)
@@ -314,10 +314,11 @@ def test_next_layer_is_prefetched_only_after_spread_routing():
     executor = OffloadedExecutor(spec, torch.float32, "cpu", 24, "layer", DelayedCopyEngine())
     first, second = spec.moe_layer_ids[:2]
     executor._plan_and_copy(first, [0, 1, 2, 3, 4, 5])
-    executor._prefetch_after(first, [0, 1, 2, 3, 4, 5])  # 6 of 8: concentrated, nothing ahead
+    keep = frozenset(ExpertId(first, e) for e in range(7))
+    executor._prefetch_after(first, [0, 1, 2, 3, 4, 5], keep)  # 6 of 8: concentrated, nothing ahead
     assert executor.prefetch_loads == 0
     executor._plan_and_copy(first, [6])
-    executor._prefetch_after(first, [0, 1, 2, 3, 4, 5, 6])  # 7 of 8: the next layer comes whole
+    executor._prefetch_after(first, [0, 1, 2, 3, 4, 5, 6], keep)  # 7 of 8: the next layer comes whole
     assert executor.prefetch_loads == 8 and all(ExpertId(second, e) in executor.planner.slot_of for e in range(8))
     hits, loads = executor._plan_and_copy(second, [2, 5])
     assert (hits, loads) == ([2, 5], []) and executor.stats()["misses"] == 7 + 2  # prefetched: counted as misses
@@ -513,3 +514,18 @@ def test_layer_aware_beats_lru_on_a_layer_sweep():
 
     assert hits(LRU()) == []
     assert hits(make_policy("layer", 2, (0, 1, 2, 3), 1, top_k=1)) == [5, 8, 11, 14, 17, 20]
+
+
+def test_wide_steps_in_rounds_prefetch_the_next_layer(qwen3):
+    """A prompt that needs every expert of each layer, with fewer slots than that: each layer's step runs
+    in rounds and starts copying the next layer's experts behind its last round, into the slots of the
+    rounds before (never the last round's, which its compute still reads: the delayed copy engine would
+    record the refill), and the next layer uses them."""
+    llm, engine = _offloaded(qwen3, 6)
+    spec = llm.engine.source.spec
+    assert spec.moe.num_experts > 6
+    resident = LLM(qwen3, dtype="float32", max_model_len=128)
+    assert torch.equal(llm.score(PROMPTS[1]), resident.score(PROMPTS[1]))
+    stats = llm.stats()
+    assert stats["prefetch_loads"] > 0 and stats["prefetch_used"] > 0
+    assert engine.violations == []

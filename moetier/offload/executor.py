@@ -154,22 +154,25 @@ class OffloadedExecutor:
         else:
             rounds = [sorted(hits), sorted(loads)] if overlap else [ready]
             done = set(ready)
-            y_TD = self._compute_in_rounds(layer, x_TD, routing, rounds, [e for e in needed if e not in done],
-                                           width=len(ready))
+            y_TD, unread = self._compute_in_rounds(layer, x_TD, routing, rounds, [e for e in needed if e not in done],
+                                                   width=len(ready))
         for _, evicted in self.planner.end_step({ExpertId(layer, e) for e in needed}):
             self.pool.release(evicted)
             self.prefetched.discard(evicted)
-        if fits:  # behind the compute, which need not wait for it
-            self._prefetch_next(layer, needed, _first_seen(guess_host))
+        # Behind the compute, which need not wait for it; never into the slots of experts it may still be
+        # reading (in rounds, the last round's: the others computed while its copies ran).
+        self._prefetch_next(layer, needed, _first_seen(guess_host), needed if fits else unread, window=fits)
         return y_TD
 
-    def _prefetch_next(self, layer: int, needed: list[int], guessed: list[int]) -> None:
-        if not self._prefetch_after(layer, needed):
-            self._prefetch_guess(layer, needed, guessed)
+    def _prefetch_next(self, layer: int, needed: list[int], guessed: list[int], unread: list[int], window: bool
+                       ) -> None:
+        keep = frozenset(ExpertId(layer, e) for e in unread)
+        if not self._prefetch_after(layer, needed, keep):
+            self._prefetch_guess(layer, guessed, keep, window)
 
     def _compute_in_rounds(self, layer: int, x_TD: torch.Tensor, routing: Routing, rounds: list[list[int]],
-                           remaining: list[int], width: int) -> torch.Tensor:
-        """Rounds, their copies started: the hits compute while the misses stream in (overlap); the
+                           remaining: list[int], width: int) -> tuple[torch.Tensor, list[int]]:
+        """The output and the last round's experts. Rounds, their copies started: the hits compute while the misses stream in (overlap); the
         `remaining` experts, for which the pool had no slot yet, follow in further rounds of at most half
         the `width` of the first. Each is planned and starts copying before the round ahead of it
         computes, beside that round's experts, if any slot is left beside them (planner.next_round),
@@ -187,7 +190,7 @@ class OffloadedExecutor:
             self._mark_read(layer, experts)
             if remaining and not rounds:
                 remaining = self._plan_next_round(layer, remaining, [], width, rounds)
-        return weighted_k_sum(out_A1D[:-1], routing.topk_weights_TK)
+        return weighted_k_sum(out_A1D[:-1], routing.topk_weights_TK), experts
 
     def _plan_next_round(self, layer: int, remaining: list[int], unread: list[int], width: int, rounds: deque
                          ) -> list[int]:
@@ -266,10 +269,10 @@ class OffloadedExecutor:
         self.prefetch_used += len(early)
         return hits, loaded
 
-    def _prefetch_after(self, layer: int, needed: list[int]) -> bool:
+    def _prefetch_after(self, layer: int, needed: list[int], keep: frozenset[ExpertId]) -> bool:
         """When this layer's step needed (nearly) every expert, as a long prompt's does under spread
         routing, the next MoE layer's step will too: its copies start now, behind this layer's, into
-        slots this layer does not need, so they run while it computes. Routing that concentrates on
+        slots other than `keep`'s, so they run while it computes. Routing that concentrates on
         a few experts (measured on the dummy Qwen3-30B-A3B: 29 of 128 per layer for a 512-token
         prompt) prefetches nothing, rather than four times the bytes it needs. True if it prefetched."""
         nxt = self.next_layer.get(layer)
@@ -278,15 +281,17 @@ class OffloadedExecutor:
         num_experts = self.spec.num_experts
         if len(needed) * PREFETCH_DENOMINATOR < PREFETCH_NUMERATOR * num_experts:
             return False
-        keep = frozenset(ExpertId(layer, e) for e in needed)
         _, loaded = self._plan_and_copy(nxt, list(range(num_experts)), keep, prefetch=True)
         self.prefetch_loads += len(loaded)
         return True
 
-    def _prefetch_guess(self, layer: int, needed: list[int], guessed: list[int]) -> None:
+    def _prefetch_guess(self, layer: int, guessed: list[int], keep: frozenset[ExpertId], window: bool) -> None:
         """Starts the copies of the predicted next-layer experts that are not resident (the first
-        choices first, as many as fit the window), behind this layer's own, into slots this layer
-        does not need; remembers the guess to score it."""
+        choices first; with `window`, as many as fit the copy engine's idle window, else as many as
+        slots other than `keep`'s allow), behind this layer's own; remembers the guess to score it.
+        A layer step in rounds copied up to its last round's compute, so its window is not measured;
+        its last round and the next layer's attention and routing read leave the copy engine idle for
+        about as long as that round's copies took (benchmarks/gpu_tail_probe.py --prefill)."""
         nxt = self.next_layer.get(layer)
         if not guessed or nxt is None:
             return
@@ -294,9 +299,9 @@ class OffloadedExecutor:
         self.guess = (nxt, guessed, missing)
         if not self.prefetch_next_layer or self.precision < PREDICTION_MIN_PRECISION:
             return
-        missing = missing[: self.window.depth(self.precision)]
+        if window:
+            missing = missing[: self.window.depth(self.precision)]
         if missing:
-            keep = frozenset(ExpertId(layer, e) for e in needed)
             _, loaded = self._plan_and_copy(nxt, missing, keep, prefetch=True)
             self.prefetch_loads += len(loaded)
 

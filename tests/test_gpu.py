@@ -9,6 +9,7 @@ from moetier import LLM, SamplingParams
 from moetier.engine.cuda_graphs import DecodeGraphs, PiecewiseDecodeGraphs
 from moetier.models.linear import linear
 from moetier.offload import executor as executor_module
+from moetier.offload.executor import CapturedRound
 from moetier.offload.predict import NextGatePredictor
 from moetier.offload.prefetch import PrefetchWindow
 
@@ -248,18 +249,21 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
     assert [(o.token_ids, o.logprobs) for o in ours] == [(o.token_ids, o.logprobs) for o in theirs]
     # GEMV-sized buckets: a full one (1 or 4 sequences) replays a layer's captured expert compute once
     # its experts are resident (the run returns None); 3 sequences in the bucket of 4 compute eagerly
-    executor, replayed = offloaded.engine.executor, []
+    # A full grouped bucket (8 sequences) replays its layers' captured round graphs, one per round.
+    executor, replayed, rounds_captured = offloaded.engine.executor, [], []
     run = executor.run
 
     def recording_run(layer, x_TD, routing, guess_TK=None, compute=None):
         y_TD = run(layer, x_TD, routing, guess_TK, compute)
         replayed.append(y_TD is None)
+        rounds_captured.append(isinstance(compute, CapturedRound))
         return y_TD
 
     monkeypatch.setattr(executor, "run", recording_run)
-    for group in ([prompts[1]], prompts[:3], prompts[2:6]):
+    for group in ([prompts[1]], prompts[:3], prompts[2:6], prompts + [[33, 34], list(range(60, 75))]):
         ours, theirs = offloaded.generate(group, params), resident.generate(group, params)
         assert [(o.token_ids, o.logprobs) for o in ours] == [(o.token_ids, o.logprobs) for o in theirs]
+    assert any(rounds_captured)
     if slots == 1 or slots >= 12:  # one slot never holds a step's two experts; 12 hold most layers' steps
         assert any(replayed) == (slots >= 12)
     stats = offloaded.stats()

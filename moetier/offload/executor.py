@@ -27,6 +27,7 @@ half were right.
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -107,16 +108,19 @@ class OffloadedExecutor:
         self.window = PrefetchWindow(self.copy_engine)
         self._ids_host = torch.empty(0, dtype=torch.int64)  # pinned on CUDA: where the routing lands
         self._round_tables = TableUploads(self.spec.num_experts, device)
+        self._round_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # tokens -> captured rounds' (table, output)
 
     @property
     def expert_weights(self) -> ExpertWeights:
         return self.store
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing, guess_TK: torch.Tensor | None = None,
-            compute: torch.cuda.CUDAGraph | None = None) -> torch.Tensor | None:
+            compute: "torch.cuda.CUDAGraph | CapturedRound | None" = None) -> torch.Tensor | None:
         """The routed experts' output for the step, or None when `compute` wrote it. From piecewise decode
         graphs: `guess_TK`, the predictor's guess that the graph before already enqueued, and `compute`,
-        the graph of capture_compute() for these very tensors, replayed when the step's experts all fit."""
+        what capture_compute() captured for these very tensors: at GEMV sizes a graph of the whole step,
+        replayed when the step's experts all fit; else a graph of one round, replayed for every round."""
+        captured = compute if isinstance(compute, CapturedRound) else None
         if not self._predicting():
             guess_TK = None
         elif guess_TK is None:
@@ -144,18 +148,21 @@ class OffloadedExecutor:
             # The slot table goes up before the wait, so its copy runs on the idle compute stream beside
             # the experts' copies, not after them on the way to the next layer's routing read.
             self.pool.device_table(layer)
-            self._wait_for_copies(layer, ready)
-            if compute is None:
-                y_TD = self._compute_all(layer, x_TD, routing)
+            if captured is not None:
+                y_TD = self._captured_round(captured, layer, ready, x_TD, routing, last=True)
             else:
-                compute.replay()
-                y_TD = None
+                self._wait_for_copies(layer, ready)
+                if compute is None:
+                    y_TD = self._compute_all(layer, x_TD, routing)
+                else:
+                    compute.replay()
+                    y_TD = None
             self._mark_read(layer, ready)
         else:
             rounds = [sorted(hits), sorted(loads)] if overlap else [ready]
             done = set(ready)
             y_TD, unread = self._compute_in_rounds(layer, x_TD, routing, rounds, [e for e in needed if e not in done],
-                                                   width=len(ready))
+                                                   len(ready), captured)
         for _, evicted in self.planner.end_step({ExpertId(layer, e) for e in needed}):
             self.pool.release(evicted)
             self.prefetched.discard(evicted)
@@ -171,26 +178,41 @@ class OffloadedExecutor:
             self._prefetch_guess(layer, guessed, keep, window)
 
     def _compute_in_rounds(self, layer: int, x_TD: torch.Tensor, routing: Routing, rounds: list[list[int]],
-                           remaining: list[int], width: int) -> tuple[torch.Tensor, list[int]]:
+                           remaining: list[int], width: int, captured: "CapturedRound | None" = None
+                           ) -> tuple[torch.Tensor, list[int]]:
         """The output and the last round's experts. Rounds, their copies started: the hits compute while the misses stream in (overlap); the
         `remaining` experts, for which the pool had no slot yet, follow in further rounds of at most half
         the `width` of the first. Each is planned and starts copying before the round ahead of it
         computes, beside that round's experts, if any slot is left beside them (planner.next_round),
-        else after."""
+        else after. With `captured`, each round replays its graph (capture_compute)."""
         # one row per assignment, and a dump row for the writes of the rows outside a round
-        out_A1D = torch.empty(routing.topk_ids_TK.numel() + 1, x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device)
+        out_A1D = None if captured else torch.empty(routing.topk_ids_TK.numel() + 1, x_TD.shape[1], dtype=x_TD.dtype,
+                                                    device=x_TD.device)
         rounds = deque(rounds)
         while rounds:
             experts = rounds.popleft()
             if remaining and not rounds:
                 remaining = self._plan_next_round(layer, remaining, experts, width, rounds)
-            slots_E = self._round_slots(layer, experts, x_TD)  # uploaded before the wait, as in run()
-            self._wait_for_copies(layer, experts)
-            self._compute_round(x_TD, routing, slots_E, out_A1D)
+            if captured is not None:
+                y_TD = self._captured_round(captured, layer, experts, x_TD, routing, last=not rounds and not remaining)
+            else:
+                slots_E = self._round_slots(layer, experts, x_TD)  # uploaded before the wait, as in run()
+                self._wait_for_copies(layer, experts)
+                self._compute_round(x_TD, routing, slots_E, out_A1D)
+                y_TD = weighted_k_sum(out_A1D[:-1], routing.topk_weights_TK) if not rounds and not remaining else None
             self._mark_read(layer, experts)
             if remaining and not rounds:
                 remaining = self._plan_next_round(layer, remaining, [], width, rounds)
-        return weighted_k_sum(out_A1D[:-1], routing.topk_weights_TK), experts
+        return y_TD, experts
+
+    def _captured_round(self, captured: "CapturedRound", layer: int, experts: list[int], x_TD: torch.Tensor,
+                        routing: Routing, last: bool) -> torch.Tensor | None:
+        """A round through its captured graph: the round's table into the graph's input, the wait for its
+        copies, one replay; after the layer's last round, the k-ordered sum of the graph's output."""
+        self._round_slots(layer, experts, x_TD, into=captured.slots_E)
+        self._wait_for_copies(layer, experts)
+        captured.graph.replay()
+        return weighted_k_sum(captured.out_A1D[:-1], routing.topk_weights_TK) if last else None
 
     def _plan_next_round(self, layer: int, remaining: list[int], unread: list[int], width: int, rounds: deque
                          ) -> list[int]:
@@ -361,14 +383,17 @@ class OffloadedExecutor:
         return weighted_k_sum(out_AD, routing.topk_weights_TK)
 
     def capture_compute(self, layer: int, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor,
-                        pool) -> torch.cuda.CUDAGraph | None:
-        """For piecewise decode graphs, on their capture stream: a graph of _gemv_all over these static
-        tensors into y_TD, which run() replays when every expert the step needs is resident (its table
-        uploaded first). One replay instead of the slot gather, two GEMV launches and the k-weighted sum:
-        at batch 1 the host, not the copy engine, set the pace (benchmarks/host_time_offload.py).
-        None where the step is not GEMV-sized."""
+                        pool) -> "torch.cuda.CUDAGraph | CapturedRound":
+        """For piecewise decode graphs, on their capture stream, over these static tensors. At GEMV sizes a
+        graph of _gemv_all into y_TD, which run() replays when every expert the step needs is resident (its
+        table uploaded first): one replay instead of the slot gather, two GEMV launches and the k-weighted
+        sum (at batch 1 the host, not the copy engine, set the pace: benchmarks/host_time_offload.py). At
+        grouped sizes a graph of one round (_compute_round) from a static slot table into a static output,
+        which run() replays for each round of the step: its dozen launches cost ~0.5-0.9 ms of host time a
+        round on the device H100, a replay one launch (.s8 probe: torch ops took 15-230 us of host time each
+        there, more while the GPU was busy)."""
         if not self._gemv_sized(x_TD):
-            return None
+            return self._capture_round(x_TD, routing, pool)
         y_TD.copy_(self._gemv_all(layer, x_TD, routing))  # warm-up: kernels compiled outside the capture
         graph = torch.cuda.CUDAGraph()
         graph.capture_begin(pool=pool)
@@ -376,13 +401,31 @@ class OffloadedExecutor:
         graph.capture_end()
         return graph
 
-    def _round_slots(self, layer: int, experts: list[int], x_TD: torch.Tensor) -> torch.Tensor:
-        """The round's expert -> slot table on the device: its experts' slots, and for every other expert
-        slot -1 (skipped by the GEMV) or S (past the pool, left out by the grouped kernel)."""
+    def _capture_round(self, x_TD: torch.Tensor, routing: Routing, pool) -> "CapturedRound":
+        """A graph of _compute_round over these static tensors. Its table and output are shared by every
+        layer's graph at this size: the layers' rounds run one after another on one stream."""
+        tokens = x_TD.shape[0]
+        if tokens not in self._round_buffers:
+            self._round_buffers[tokens] = (
+                torch.full((self.spec.num_experts,), self.pool.num_slots, dtype=torch.int64, device=x_TD.device),
+                torch.empty(routing.topk_ids_TK.numel() + 1, x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device))
+        slots_E, out_A1D = self._round_buffers[tokens]
+        self._compute_round(x_TD, routing, slots_E, out_A1D)  # warm-up, outside the capture
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=pool)
+        self._compute_round(x_TD, routing, slots_E, out_A1D)
+        graph.capture_end()
+        return CapturedRound(graph, slots_E, out_A1D)
+
+    def _round_slots(self, layer: int, experts: list[int], x_TD: torch.Tensor, into: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """The round's expert -> slot table on the device (a new tensor, or copied `into` one): its experts'
+        slots, and for every other expert slot -1 (skipped by the GEMV) or S (past the pool, left out by the
+        grouped kernel)."""
         host_E, upload = self._round_tables.next_row()
         host_E.fill(-1 if self._gemv_sized(x_TD) else self.pool.num_slots)
         host_E[experts] = [self.planner.slot_of[ExpertId(layer, e)] for e in experts]
-        return upload()
+        return upload(into)
 
     def _compute_round(self, x_TD: torch.Tensor, routing: Routing, slots_E: torch.Tensor, out_A1D: torch.Tensor
                        ) -> None:
@@ -445,6 +488,15 @@ def _first_seen(guess: np.ndarray | None) -> list[int]:
     return guess[np.sort(first_at)].tolist()
 
 
+@dataclass(frozen=True)
+class CapturedRound:
+    """A round's expert compute captured for one decode bucket and layer (capture_compute): replaying
+    `graph` computes the rows of the experts `slots_E` maps to slots into `out_A1D` ([A + 1, D])."""
+    graph: torch.cuda.CUDAGraph
+    slots_E: torch.Tensor
+    out_A1D: torch.Tensor
+
+
 class TableUploads:
     """Small int64 tables to the device, asynchronously, from the rows of one pinned buffer in turn (a pinned
     copy per upload, pin_memory(), cost ~100 us of host time a round on the device H100); a row is written
@@ -456,18 +508,20 @@ class TableUploads:
         self.copied: list[torch.cuda.Event | None] = [None] * rows
         self._next = 0
 
-    def next_row(self) -> tuple[np.ndarray, Callable[[], torch.Tensor]]:
-        """A row to write the table into, and the call that then uploads it (a new device tensor)."""
+    def next_row(self) -> tuple[np.ndarray, Callable[[torch.Tensor | None], torch.Tensor]]:
+        """A row to write the table into, and the call that then uploads it: into the device tensor given,
+        or a new one."""
         row = self._next
         self._next = (row + 1) % len(self.copied)
         if self.copied[row] is not None:
             self.copied[row].synchronize()
-        return self.host_RW[row].numpy(), lambda: self._upload(row)
+        return self.host_RW[row].numpy(), lambda into: self._upload(row, into)
 
-    def _upload(self, row: int) -> torch.Tensor:
+    def _upload(self, row: int, into: torch.Tensor | None) -> torch.Tensor:
         if self.device.type != "cuda":
-            return self.host_RW[row].clone().to(self.device)
-        table = torch.empty(self.host_RW.shape[1], dtype=torch.int64, device=self.device)
+            table = self.host_RW[row].to(self.device)
+            return table if into is None else into.copy_(table)
+        table = torch.empty(self.host_RW.shape[1], dtype=torch.int64, device=self.device) if into is None else into
         table.copy_(self.host_RW[row], non_blocking=True)
         self.copied[row] = torch.cuda.Event()
         self.copied[row].record()

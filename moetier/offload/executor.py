@@ -390,8 +390,8 @@ class OffloadedExecutor:
         sum (at batch 1 the host, not the copy engine, set the pace: benchmarks/host_time_offload.py). At
         grouped sizes a graph of one round (_compute_round) from a static slot table into a static output,
         which run() replays for each round of the step: its dozen launches cost ~0.5-0.9 ms of host time a
-        round on the device H100, a replay one launch (.s8 probe: torch ops took 15-230 us of host time each
-        there, more while the GPU was busy)."""
+        round on the device H100, a replay one launch (torch ops took 15-230 us of host time each
+        there, more while the GPU was busy: benchmarks/round_op_costs.py)."""
         if not self._gemv_sized(x_TD):
             return self._capture_round(x_TD, routing, pool)
         y_TD.copy_(self._gemv_all(layer, x_TD, routing))  # warm-up: kernels compiled outside the capture

@@ -10,6 +10,8 @@ machine effect), in alternating rounds of timed decode steps (or prefills). One 
     --toggle ahead: a layer step's rounds after the first planned and copying while the round before waits
         for its copies (planner.next_round); off, each planned after the round before computed, as large as
         fits (the executor before 2026-11-22).
+    --toggle round-guess: the predictor's guesses for the next layer copied behind a step that ran in rounds;
+        off, only behind steps that fit in one pass (the executor before e484dd9).
 
     python benchmarks/offload_ab.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB --toggle spare \
         [--routing synthetic:uniform] [--batch 1] [--rounds 3] [--steps 16] [--max-model-len 577] [--prefill 512]
@@ -75,7 +77,21 @@ def ahead_switch(engine: Engine):
     return switch
 
 
-SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy_switch, "ahead": ahead_switch}
+def round_guess_switch(engine: Engine):
+    executor = engine.executor
+    prefetch_guess = executor._prefetch_guess
+
+    def in_one_pass(layer, guessed, keep, window):
+        if window:
+            prefetch_guess(layer, guessed, keep, window)
+
+    def switch(on: bool) -> None:
+        executor._prefetch_guess = prefetch_guess if on else in_one_pass
+    return switch
+
+
+SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy_switch, "ahead": ahead_switch,
+            "round-guess": round_guess_switch}
 
 
 def prefill_ab(args: argparse.Namespace) -> None:

@@ -94,31 +94,38 @@ SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy
             "round-guess": round_guess_switch}
 
 
+def alternate(args: argparse.Namespace, engine: Engine, switch, step, tokens: int, h2d_gbps: float,
+              label: dict) -> None:
+    """Rounds of the feature on, then off: per half, one untimed step (slots laid out anew after the
+    switch), then --steps - 1 timed ones of `tokens` tokens each; one JSON line per half."""
+    for round_ in range(args.rounds):
+        for on in (True, False):
+            switch(on)
+            step()
+            torch.cuda.synchronize()
+            before, start = engine.offload_stats(), time.perf_counter()
+            for _ in range(args.steps - 1):
+                step()
+            torch.cuda.synchronize()
+            step_s = (time.perf_counter() - start) / (args.steps - 1)
+            figures = offload_figures(before, engine.offload_stats(), args.steps - 1, step_s, tokens, h2d_gbps)
+            print(json.dumps({"model": args.model, "routing": args.routing, **label, "round": round_,
+                              args.toggle: on, "num_slots": engine.executor.pool.num_slots,
+                              "tok_s": round(tokens / step_s, 2), **figures}), flush=True)
+
+
 def prefill_ab(args: argparse.Namespace) -> None:
     """Alternating rounds of timed prefills of one --prefill-token prompt."""
     h2d_gbps = host_to_device_gbps(pinned=True)
     llm = load(args, args.max_model_len)
-    engine = llm.engine
-    switch = SWITCHES[args.toggle](engine)
-    prompt = torch.randint(0, engine.source.spec.vocab_size, (1, args.prefill)).tolist()
+    switch = SWITCHES[args.toggle](llm.engine)
+    prompt = torch.randint(0, llm.engine.source.spec.vocab_size, (1, args.prefill)).tolist()
     params = SamplingParams(max_tokens=1, ignore_eos=True)
     for on in (True, False):  # warm-up: kernels for this shape compiled either way
         switch(on)
         llm.generate(prompt, params)
-    for round_ in range(args.rounds):
-        for on in (True, False):
-            switch(on)
-            llm.generate(prompt, params)  # the switch's first prefill (slots laid out anew) is not timed
-            torch.cuda.synchronize()
-            before, start = engine.offload_stats(), time.perf_counter()
-            for _ in range(args.steps - 1):
-                llm.generate(prompt, params)
-            torch.cuda.synchronize()
-            step_s = (time.perf_counter() - start) / (args.steps - 1)
-            figures = offload_figures(before, engine.offload_stats(), args.steps - 1, step_s, args.prefill, h2d_gbps)
-            print(json.dumps({"model": args.model, "routing": args.routing, "prefill": args.prefill, "round": round_,
-                              args.toggle: on, "num_slots": engine.executor.pool.num_slots,
-                              "tok_s": round(args.prefill / step_s, 1), **figures}), flush=True)
+    alternate(args, llm.engine, switch, lambda: llm.generate(prompt, params), args.prefill, h2d_gbps,
+              {"prefill": args.prefill})
 
 
 def main() -> None:
@@ -144,20 +151,7 @@ def main() -> None:
         engine.add_request(prompt, SamplingParams(max_tokens=tokens, ignore_eos=True))
     for _ in range(warm):
         engine.step()
-    for round_ in range(args.rounds):
-        for on in (True, False):
-            switch(on)
-            engine.step()  # the switch's first step (slots freed or filled) is not timed
-            torch.cuda.synchronize()
-            before, start = engine.offload_stats(), time.perf_counter()
-            for _ in range(args.steps - 1):
-                engine.step()
-            torch.cuda.synchronize()
-            step_s = (time.perf_counter() - start) / (args.steps - 1)
-            figures = offload_figures(before, engine.offload_stats(), args.steps - 1, step_s, args.batch, h2d_gbps)
-            print(json.dumps({"model": args.model, "routing": args.routing, "batch": args.batch, "round": round_,
-                              args.toggle: on, "num_slots": engine.executor.pool.num_slots,
-                              "tok_s": round(args.batch / step_s, 2), **figures}), flush=True)
+    alternate(args, engine, switch, engine.step, args.batch, h2d_gbps, {"batch": args.batch})
 
 
 if __name__ == "__main__":

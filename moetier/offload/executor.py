@@ -14,9 +14,10 @@ when a layer needed nearly every expert (a long prompt under spread routing), th
 layer's experts start copying behind its own into slots this layer does not need. If the layer
 needs more experts than there are slots (or the policy declines to evict), it runs in rounds, each
 planned and copying while the one before waits for its copies (planner.py: two sets of slots). Rounds
-write their assignment rows into one [A + 1, D] buffer (a dump row last) and one k-ordered sum follows, the same sum the
-resident combine ends with; they pick their rows on the device, so the layer's only host sync stays
-the routing read (but for the looped fallback kernel, which reads its offsets on the host anyway).
+write their assignment rows into one [A + 1, D] buffer (a dump row last) and one k-ordered sum
+follows, the same sum the resident combine ends with; they pick their rows on the device, so the
+layer's only host sync stays the routing read (but for the looped fallback kernel, which reads its
+offsets on the host anyway). In full decode buckets each round replays a captured graph.
 Otherwise a predictor (offload/predict.py) guesses the next MoE layer's experts, its guess read in
 the same sync as the routing, and those not resident start copying behind this layer's misses, so
 the copy engine keeps working through the next layer's attention, router and routing read; the
@@ -108,7 +109,8 @@ class OffloadedExecutor:
         self.window = PrefetchWindow(self.copy_engine)
         self._ids_host = torch.empty(0, dtype=torch.int64)  # pinned on CUDA: where the routing lands
         self._round_tables = TableUploads(self.spec.num_experts, device)
-        self._round_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # tokens -> captured rounds' (table, output)
+        # tokens -> the (table, output) that the captured rounds of that size share
+        self._round_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def expert_weights(self) -> ExpertWeights:
@@ -145,12 +147,12 @@ class OffloadedExecutor:
         fits = len(ready) == len(needed)
         overlap = bool(hits and loads) and x_TD.shape[0] >= OVERLAP_MIN_TOKENS
         if fits and not overlap:
-            # The slot table goes up before the wait, so its copy runs on the idle compute stream beside
-            # the experts' copies, not after them on the way to the next layer's routing read.
-            self.pool.device_table(layer)
             if captured is not None:
                 y_TD = self._captured_round(captured, layer, ready, x_TD, routing, last=True)
             else:
+                # The slot table goes up before the wait, so its copy runs on the idle compute stream beside
+                # the experts' copies, not after them on the way to the next layer's routing read.
+                self.pool.device_table(layer)
                 self._wait_for_copies(layer, ready)
                 if compute is None:
                     y_TD = self._compute_all(layer, x_TD, routing)
@@ -180,11 +182,12 @@ class OffloadedExecutor:
     def _compute_in_rounds(self, layer: int, x_TD: torch.Tensor, routing: Routing, rounds: list[list[int]],
                            remaining: list[int], width: int, captured: "CapturedRound | None" = None
                            ) -> tuple[torch.Tensor, list[int]]:
-        """The output and the last round's experts. Rounds, their copies started: the hits compute while the misses stream in (overlap); the
-        `remaining` experts, for which the pool had no slot yet, follow in further rounds of at most half
-        the `width` of the first. Each is planned and starts copying before the round ahead of it
-        computes, beside that round's experts, if any slot is left beside them (planner.next_round),
-        else after. With `captured`, each round replays its graph (capture_compute)."""
+        """The output and the last round's experts. Rounds, their copies started: the hits compute while
+        the misses stream in (overlap); the `remaining` experts, for which the pool had no slot yet,
+        follow in further rounds of at most half the `width` of the first. Each is planned and starts
+        copying before the round ahead of it computes, beside that round's experts, if any slot is left
+        beside them (planner.next_round), else after. With `captured`, each round replays its graph
+        (capture_compute)."""
         # one row per assignment, and a dump row for the writes of the rows outside a round
         out_A1D = None if captured else torch.empty(routing.topk_ids_TK.numel() + 1, x_TD.shape[1], dtype=x_TD.dtype,
                                                     device=x_TD.device)
@@ -311,9 +314,7 @@ class OffloadedExecutor:
         """Starts the copies of the predicted next-layer experts that are not resident (the first
         choices first; with `window`, as many as fit the copy engine's idle window, else as many as
         slots other than `keep`'s allow), behind this layer's own; remembers the guess to score it.
-        A layer step in rounds copied up to its last round's compute, so its window is not measured;
-        its last round and the next layer's attention and routing read leave the copy engine idle for
-        about as long as that round's copies took (benchmarks/gpu_tail_probe.py --prefill)."""
+        (The window is measured on steps that fit in one pass; a step in rounds has none of its own.)"""
         nxt = self.next_layer.get(layer)
         if not guessed or nxt is None:
             return

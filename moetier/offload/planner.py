@@ -16,8 +16,8 @@ next to 170-230 us per expert copy; benchmarks/first_copy_probe.py).
 
 Rounds: a layer step that needs more experts than it may hold streams them through its slots in rounds.
 Each round after the first is planned while the one before still waits for its copies (next_round):
-beside that round's loads, which it may not evict, and at most half the slots the layer holds, so the
-layer streams through two sets of slots, one copying while the other computes. Planned after the round
+beside that round's experts, which it may not evict, and at most half as wide as the step's first round,
+so the layer streams through two sets of slots, one copying while the other computes. Planned after the round
 before computed, a round's copies would wait for that compute, and the copy engine would idle through it
 (on the H100, ~0.7 ms per round of a Qwen3-30B-A3B prefill: benchmarks/gpu_tail_probe.py --prefill).
 """
@@ -104,7 +104,8 @@ class SlotPlanner:
         loads = _peeked(loads)
         return hits, iter(()) if loads is None else loads
 
-    def plan_step(self, layer: int, needed: list[int]) -> Iterator[tuple[list[int], list[tuple[int, int, ExpertId | None]]]]:
+    def plan_step(self, layer: int, needed: list[int]
+                  ) -> Iterator[tuple[list[int], list[tuple[int, int, ExpertId | None]]]]:
         """A layer step's rounds as the executor plans its wide steps, for callers that only count (the
         simulator): (hits, loads) per round, each after the first planned beside the loads of the round
         before (next_round; the first round's hits compute apart, before its loads have arrived)."""

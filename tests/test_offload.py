@@ -382,6 +382,42 @@ def test_claimed_misses_plan_as_the_step_would(slots, spare, policy, steps):
         assert claiming.holder == plain.holder and claiming.slot_of == plain.slot_of
 
 
+@settings(max_examples=80, deadline=None)
+@given(slots=st.integers(1, 12), policy=st.sampled_from(["lru", "lfu", "static", "layer"]),
+       steps=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 7), min_size=1, max_size=8)), max_size=16))
+def test_rounds_stream_through_two_sets_of_slots(slots, policy, steps):
+    """A layer step's rounds as the executor plans them: each round after the first (next_round) loads at
+    most half the first round's width and never evicts an expert of the round before it, which has not
+    computed yet; nothing fitting beside that round is the only reason to compute it first, and then a
+    round always fits. Every needed expert is in exactly one round and resident when it computes."""
+    spec = _spec()
+    planner = SlotPlanner(slots, make_policy(policy, slots, tuple(spec.moe_layer_ids), spec.moe.num_experts,
+                                             spec.moe.top_k))
+    for layer, needed in steps:
+        needed = sorted(needed)
+        planner.access(layer, needed)
+        hits, loads = planner.plan_round(layer, needed)
+        width, unread = len(hits) + len(loads), hits + [e for e, _, _ in loads]
+        assert unread, "the first round makes progress"
+        planned, remaining = list(unread), [e for e in needed if e not in unread]
+        while remaining:
+            hits, loads = planner.next_round(layer, remaining, unread, width)
+            loads = list(loads)
+            if not hits and not loads:
+                assert unread, "with nothing waiting to compute, a round always fits"
+                unread = []  # computed first
+                continue
+            evicted = {x for _, _, x in loads if x is not None}
+            assert not evicted & {ExpertId(layer, e) for e in unread}
+            assert len(loads) <= (width + 1) // 2
+            unread = hits + [e for e, _, _ in loads]
+            assert all(ExpertId(layer, e) in planner.slot_of for e in unread)
+            planned += unread
+            remaining = [e for e in remaining if e not in unread]
+        assert sorted(planned) == needed
+        planner.end_step({ExpertId(layer, e) for e in needed})
+
+
 def test_layer_aware_heaps_stay_bounded_under_hits():
     """Hits push heap entries that no eviction pops: a run of hits must not grow the heaps without
     bound, and the victim must still be the full scan's."""

@@ -17,7 +17,8 @@ the SlotPlanner; `serialized` copies, those whose slot was last read by the comp
 step that waits for the copies issued just before them (the copy engine idles through that compute),
 and `gaps`, the rounds that begin with such a copy. `order` "ahead" plans rounds as the executor does
 (SlotPlanner.plan_step: round r + 1 planned before round r computes, beside round r's loads, at most half
-the first round's width); "serial" plans round r + 1 after round r computed, as large as fits (the executor before 2026-11-22).
+the first round's width); "serial" plans round r + 1 after round r computed, as large as fits (the
+executor before 2026-11-22).
 """
 
 import argparse

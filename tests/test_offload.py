@@ -263,6 +263,14 @@ def test_rounds_read_nothing_on_the_host(kernel, tokens, monkeypatch):
     executor._compute_round(x_TD, routing, executor._round_slots(0, [1, 5], x_TD), out_A1D)
 
 
+def test_no_round_is_captured_over_the_looped_kernel():
+    """The looped fallback (fp32, or a GPU without grouped_mm) reads its offsets on the host, which a CUDA
+    graph cannot hold: the piecewise decode graphs get no captured round there (the steps run eagerly)."""
+    executor, x_TD, routing = _round_case("looped", 9, 0)
+    y_TD = torch.empty_like(x_TD)
+    assert executor.capture_compute(0, x_TD, routing, y_TD, pool=None) is None
+
+
 def test_options_are_checked_and_on_the_cli():
     with pytest.raises(MoetierError, match="expert_slots"):
         LLM(None, expert_slots=0)

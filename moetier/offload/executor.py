@@ -37,7 +37,7 @@ from moetier.models.spec import ModelSpec
 from moetier.moe.dispatch import combine, dispatch, dispatch_round, weighted_k_sum
 from moetier.moe.executor import expert_kernels
 from moetier.moe.experts import ExpertId, ExpertLayout, ExpertWeights
-from moetier.moe.grouped import GEMV_MAX_TOKENS, gemv_experts
+from moetier.moe.grouped import GEMV_MAX_TOKENS, gemv_experts, grouped_experts
 from moetier.moe.router import Routing
 from moetier.offload.cache import EvictionPolicy, make_policy
 from moetier.offload.copy_engine import CopyEngine, make_copy_engine
@@ -384,7 +384,7 @@ class OffloadedExecutor:
         return weighted_k_sum(out_AD, routing.topk_weights_TK)
 
     def capture_compute(self, layer: int, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor,
-                        pool) -> "torch.cuda.CUDAGraph | CapturedRound":
+                        pool) -> "torch.cuda.CUDAGraph | CapturedRound | None":
         """For piecewise decode graphs, on their capture stream, over these static tensors. At GEMV sizes a
         graph of _gemv_all into y_TD, which run() replays when every expert the step needs is resident (its
         table uploaded first): one replay instead of the slot gather, two GEMV launches and the k-weighted
@@ -392,9 +392,10 @@ class OffloadedExecutor:
         grouped sizes a graph of one round (_compute_round) from a static slot table into a static output,
         which run() replays for each round of the step: its dozen launches cost ~0.5-0.9 ms of host time a
         round on the device H100, a replay one launch (torch ops took 15-230 us of host time each
-        there, more while the GPU was busy: benchmarks/round_op_costs.py)."""
+        there, more while the GPU was busy: benchmarks/round_op_costs.py). None where the expert kernel
+        reads its offsets on the host (the looped fallback: fp32, or no grouped_mm), which no graph holds."""
         if not self._gemv_sized(x_TD):
-            return self._capture_round(x_TD, routing, pool)
+            return self._capture_round(x_TD, routing, pool) if self.kernel is grouped_experts else None
         y_TD.copy_(self._gemv_all(layer, x_TD, routing))  # warm-up: kernels compiled outside the capture
         graph = torch.cuda.CUDAGraph()
         graph.capture_begin(pool=pool)

@@ -15,7 +15,7 @@ import os
 import tempfile
 
 import torch
-from offload_probe import add_arguments, load
+from offload_probe import add_arguments, load, prefill_call
 from torch.profiler import ProfilerActivity, profile
 
 from moetier import SamplingParams
@@ -62,16 +62,15 @@ def main() -> None:
     args = parser.parse_args()
     llm = load(args, max(577, args.prefill + 1))
     engine = llm.engine
-    prompts = torch.randint(0, engine.source.spec.vocab_size, (args.batch, max(512, args.prefill))).tolist()
     if args.prefill:
-        one_token = SamplingParams(max_tokens=1, ignore_eos=True)
-        llm.generate(prompts[:1], one_token)  # warm-up: kernels for this shape compiled
+        prefill = prefill_call(llm, args.prefill)
+        prefill()  # warm-up: kernels for this shape compiled
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            llm.generate(prompts[:1], one_token)
+            prefill()
             torch.cuda.synchronize()
     else:
-        for prompt in prompts:
+        for prompt in torch.randint(0, engine.source.spec.vocab_size, (args.batch, 512)).tolist():
             engine.add_request(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
         for _ in range(args.batch + 12):
             engine.step()

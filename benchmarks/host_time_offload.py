@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 
 import torch
-from offload_probe import add_arguments, load
+from offload_probe import add_arguments, load, prefill_call
 
 from moetier import SamplingParams
 
@@ -42,20 +42,11 @@ def time_calls(owner, name: str, seconds: defaultdict) -> None:
     setattr(owner, name, wrapper)
 
 
-def decode(engine, steps: int) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
-
-
-def prefill(llm, prompt: list[list[int]], count: int) -> float:
+def seconds_per_call(call, count: int) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(count):
-        llm.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+        call()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / count
 
@@ -69,12 +60,9 @@ def main() -> None:
     engine = llm.engine
     executor = engine.executor
     if args.prefill:
-        prompt = torch.randint(0, engine.source.spec.vocab_size, (1, args.prefill)).tolist()
         steps, profiled_steps = 3, 2
-
-        def work(count: int) -> float:  # seconds per prefill (the same prompt each time, as moetier bench)
-            return prefill(llm, prompt, count)
-        work(1)  # warm-up: kernels for this shape compiled
+        step = prefill_call(llm, args.prefill)
+        step()  # warm-up: kernels for this shape compiled
     else:
         steps, profiled_steps = STEPS, 8
         for prompt in torch.randint(0, engine.source.spec.vocab_size, (args.batch, 512)).tolist():
@@ -82,8 +70,11 @@ def main() -> None:
         for _ in range(args.batch + 8):  # the prefills and some decode steps
             engine.step()
 
-        def work(count: int) -> float:
-            return decode(engine, count)
+        def step() -> None:  # looked up each call: the timing wrapper below replaces engine.step
+            engine.step()
+
+    def work(count: int) -> float:
+        return seconds_per_call(step, count)
     plain_s = work(steps)
     seconds: defaultdict[str, float] = defaultdict(float)
     for name in ("run", "_read_routing", "_plan_and_copy", "_compute_all", "_compute_in_rounds", "_compute_round",

@@ -26,7 +26,7 @@ import json
 import time
 
 import torch
-from offload_probe import add_arguments, load
+from offload_probe import add_arguments, load, prefill_call
 
 from moetier import SamplingParams
 from moetier.bench import offload_figures
@@ -119,13 +119,11 @@ def prefill_ab(args: argparse.Namespace) -> None:
     h2d_gbps = host_to_device_gbps(pinned=True)
     llm = load(args, args.max_model_len)
     switch = SWITCHES[args.toggle](llm.engine)
-    prompt = torch.randint(0, llm.engine.source.spec.vocab_size, (1, args.prefill)).tolist()
-    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    prefill = prefill_call(llm, args.prefill)
     for on in (True, False):  # warm-up: kernels for this shape compiled either way
         switch(on)
-        llm.generate(prompt, params)
-    alternate(args, llm.engine, switch, lambda: llm.generate(prompt, params), args.prefill, h2d_gbps,
-              {"prefill": args.prefill})
+        prefill()
+    alternate(args, llm.engine, switch, prefill, args.prefill, h2d_gbps, {"prefill": args.prefill})
 
 
 def main() -> None:

@@ -8,8 +8,9 @@ An expert executor that reads the routing on the host (offloading) cannot be cap
 PiecewiseDecodeGraphs captures each bucket's step as one graph per stretch between expert calls
 (attention, norms, router, shared experts) and runs the executor eagerly between the replays. For the
 offloaded executor each stretch also ends with its predictor's guess for the next MoE layer, and each
-GEMV-sized expert call gets a graph of its own that the executor replays once the step's experts are
-resident: what stays eager is the routing read, the slot planning and the copies.
+expert call gets graphs of its own that the executor replays (OffloadedExecutor.capture_compute): at
+GEMV sizes the whole call, once the step's experts are resident; at grouped sizes one round, replayed
+for each round of the step. What stays eager is the routing read, the slot planning and the copies.
 """
 
 import torch
@@ -20,7 +21,7 @@ from moetier.engine.scheduler import ScheduledSeq
 from moetier.models.transformer import CausalLM
 from moetier.moe.layer import MoELayer
 from moetier.moe.router import Routing
-from moetier.offload.executor import OffloadedExecutor
+from moetier.offload.executor import CapturedRound, OffloadedExecutor
 
 _BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # A step's graph is captured in this many pieces of consecutive layers, launched back to back: the
@@ -143,12 +144,12 @@ class DecodeGraphs:
 class _ExpertCall:
     """One expert call of a captured step: its inputs (outputs of the graph before it), the static
     buffer the next graph reads its result from, and for the offloaded executor the predictor's guess
-    (enqueued by the graph before) and the graph of the call's expert compute (GEMV-sized buckets)."""
+    (enqueued by the graph before) and what capture_compute captured of the call's expert compute."""
 
     def __init__(self, layer: int, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor,
                  guess_TK: torch.Tensor | None):
         self.layer, self.x_TD, self.routing, self.y_TD, self.guess_TK = layer, x_TD, routing, y_TD, guess_TK
-        self.compute: torch.cuda.CUDAGraph | None = None
+        self.compute: torch.cuda.CUDAGraph | CapturedRound | None = None
 
 
 class _GraphBreaks:

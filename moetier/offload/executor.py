@@ -151,7 +151,8 @@ class OffloadedExecutor:
             # the experts' copies, not after them on the way to the next layer's routing read.
             self.pool.device_table(layer)
             if captured is not None:
-                y_TD = self._captured_round(captured, layer, ready, x_TD, routing, last=True)
+                self._captured_round(captured, layer, ready, x_TD)
+                y_TD = weighted_k_sum(captured.out_A1D[:-1], routing.topk_weights_TK)
             else:
                 self._wait_for_copies(layer, ready)
                 if compute is None:
@@ -189,33 +190,30 @@ class OffloadedExecutor:
         beside them (planner.next_round), else after. With `captured`, each round replays its graph
         (capture_compute)."""
         # one row per assignment, and a dump row for the writes of the rows outside a round
-        out_A1D = None if captured else torch.empty(routing.topk_ids_TK.numel() + 1, x_TD.shape[1], dtype=x_TD.dtype,
-                                                    device=x_TD.device)
+        out_A1D = captured.out_A1D if captured else torch.empty(
+            routing.topk_ids_TK.numel() + 1, x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device)
         rounds = deque(rounds)
         while rounds:
             experts = rounds.popleft()
             if remaining and not rounds:
                 remaining = self._plan_next_round(layer, remaining, experts, width, rounds)
             if captured is not None:
-                y_TD = self._captured_round(captured, layer, experts, x_TD, routing, last=not rounds and not remaining)
+                self._captured_round(captured, layer, experts, x_TD)
             else:
                 slots_E = self._round_slots(layer, experts, x_TD)  # uploaded before the wait, as in run()
                 self._wait_for_copies(layer, experts)
                 self._compute_round(x_TD, routing, slots_E, out_A1D)
-                y_TD = weighted_k_sum(out_A1D[:-1], routing.topk_weights_TK) if not rounds and not remaining else None
             self._mark_read(layer, experts)
             if remaining and not rounds:
                 remaining = self._plan_next_round(layer, remaining, [], width, rounds)
-        return y_TD, experts
+        return weighted_k_sum(out_A1D[:-1], routing.topk_weights_TK), experts
 
-    def _captured_round(self, captured: "CapturedRound", layer: int, experts: list[int], x_TD: torch.Tensor,
-                        routing: Routing, last: bool) -> torch.Tensor | None:
-        """A round through its captured graph: the round's table into the graph's input, the wait for its
-        copies, one replay; after the layer's last round, the k-ordered sum of the graph's output."""
+    def _captured_round(self, captured: "CapturedRound", layer: int, experts: list[int], x_TD: torch.Tensor) -> None:
+        """A round through its captured graph (into captured.out_A1D): the round's table into the graph's
+        input, the wait for its copies, one replay."""
         self._round_slots(layer, experts, x_TD, into=captured.slots_E)
         self._wait_for_copies(layer, experts)
         captured.graph.replay()
-        return weighted_k_sum(captured.out_A1D[:-1], routing.topk_weights_TK) if last else None
 
     def _plan_next_round(self, layer: int, remaining: list[int], unread: list[int], width: int, rounds: deque
                          ) -> list[int]:
@@ -520,8 +518,8 @@ class TableUploads:
         return self.host_RW[row].numpy(), lambda into: self._upload(row, into)
 
     def _upload(self, row: int, into: torch.Tensor | None) -> torch.Tensor:
-        if self.device.type != "cuda":
-            table = self.host_RW[row].to(self.device)
+        if self.device.type != "cuda":  # a copy: the row is written again later
+            table = self.host_RW[row].to(self.device, copy=True)
             return table if into is None else into.copy_(table)
         table = torch.empty(self.host_RW.shape[1], dtype=torch.int64, device=self.device) if into is None else into
         table.copy_(self.host_RW[row], non_blocking=True)

@@ -10,7 +10,7 @@ from moetier.kernels import fuse
 
 @pytest.mark.parametrize("family,slots", [("qwen3_moe", None), ("qwen2_moe", None), ("qwen3_moe", 3)])
 def test_fused_functions_trace_fullgraph_and_match_eager(family, slots, tmp_path, monkeypatch, caplog):
-    """slots: offloaded, the layers' steps in rounds (their dispatch fused too)."""
+    """slots: offloaded, the layers' steps in rounds (whose own dispatch runs eagerly) among the fused functions."""
     make_checkpoint(family, tmp_path)
     llm = LLM(str(tmp_path), dtype="float32", max_model_len=64, expert_slots=slots)
     ids = list(range(5, 30))

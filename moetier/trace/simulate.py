@@ -7,8 +7,9 @@ OffloadedExecutor uses, and slots are planned by the executor's own SlotPlanner 
   sees `access` for each of them (ascending) before any slot is planned;
 - a needed expert already resident is a hit; each other one takes a free slot or the policy's victim
   among the resident experts this layer does not need (a hit or an expert just loaded is never
-  evicted); if the policy returns no victim, the rest wait for another round in which only that
-  round's needs are protected, as the executor's rounds do;
+  evicted); if the policy returns no victim, the rest go to further rounds, as the executor's rounds
+  do (SlotPlanner.plan_step): each at most half as wide as the first, planned beside the round before,
+  whose loads it may not evict, or after it when nothing fits beside them;
 - after each (step, layer) the policy's victims are evicted until SPARE_SLOTS slots are free (unless
   every expert fits), as the executor does (the next step's first misses copy before any planning);
   Belady's optimum keeps none.

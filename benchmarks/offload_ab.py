@@ -81,9 +81,9 @@ def round_guess_switch(engine: Engine):
     executor = engine.executor
     prefetch_guess = executor._prefetch_guess
 
-    def in_one_pass(layer, guessed, keep, window):
+    def in_one_pass(layer, guessed, unread, window):
         if window:
-            prefetch_guess(layer, guessed, keep, window)
+            prefetch_guess(layer, guessed, unread, window)
 
     def switch(on: bool) -> None:
         executor._prefetch_guess = prefetch_guess if on else in_one_pass

@@ -176,9 +176,8 @@ class OffloadedExecutor:
 
     def _prefetch_next(self, layer: int, needed: list[int], guessed: list[int], unread: list[int], window: bool
                        ) -> None:
-        keep = frozenset(ExpertId(layer, e) for e in unread)
-        if not self._prefetch_after(layer, needed, keep):
-            self._prefetch_guess(layer, guessed, keep, window)
+        if not self._prefetch_after(layer, needed, unread):
+            self._prefetch_guess(layer, guessed, unread, window)
 
     def _compute_in_rounds(self, layer: int, x_TD: torch.Tensor, routing: Routing, rounds: list[list[int]],
                            remaining: list[int], width: int, captured: "CapturedRound | None" = None
@@ -292,10 +291,11 @@ class OffloadedExecutor:
         self.prefetch_used += len(early)
         return hits, loaded
 
-    def _prefetch_after(self, layer: int, needed: list[int], keep: frozenset[ExpertId]) -> bool:
+    def _prefetch_after(self, layer: int, needed: list[int], unread: list[int]) -> bool:
         """When this layer's step needed (nearly) every expert, as a long prompt's does under spread
         routing, the next MoE layer's step will too: its copies start now, behind this layer's, into
-        slots other than `keep`'s, so they run while it computes. Routing that concentrates on
+        slots other than those of the `unread` experts (this layer's, which its compute may still
+        read), so they run while it computes. Routing that concentrates on
         a few experts (measured on the dummy Qwen3-30B-A3B: 29 of 128 per layer for a 512-token
         prompt) prefetches nothing, rather than four times the bytes it needs. True if it prefetched."""
         nxt = self.next_layer.get(layer)
@@ -304,14 +304,15 @@ class OffloadedExecutor:
         num_experts = self.spec.num_experts
         if len(needed) * PREFETCH_DENOMINATOR < PREFETCH_NUMERATOR * num_experts:
             return False
+        keep = frozenset(ExpertId(layer, e) for e in unread)
         _, loaded = self._plan_and_copy(nxt, list(range(num_experts)), keep, prefetch=True)
         self.prefetch_loads += len(loaded)
         return True
 
-    def _prefetch_guess(self, layer: int, guessed: list[int], keep: frozenset[ExpertId], window: bool) -> None:
+    def _prefetch_guess(self, layer: int, guessed: list[int], unread: list[int], window: bool) -> None:
         """Starts the copies of the predicted next-layer experts that are not resident (the first
         choices first; with `window`, as many as fit the copy engine's idle window, else as many as
-        slots other than `keep`'s allow), behind this layer's own; remembers the guess to score it.
+        slots other than the `unread` experts' allow), behind this layer's own; remembers the guess to score it.
         (The window is measured on steps that fit in one pass; a step in rounds has none of its own.)"""
         nxt = self.next_layer.get(layer)
         if not guessed or nxt is None:
@@ -323,6 +324,7 @@ class OffloadedExecutor:
         if window:
             missing = missing[: self.window.depth(self.precision)]
         if missing:
+            keep = frozenset(ExpertId(layer, e) for e in unread)
             _, loaded = self._plan_and_copy(nxt, missing, keep, prefetch=True)
             self.prefetch_loads += len(loaded)
 

@@ -147,13 +147,13 @@ class OffloadedExecutor:
         fits = len(ready) == len(needed)
         overlap = bool(hits and loads) and x_TD.shape[0] >= OVERLAP_MIN_TOKENS
         if fits and not overlap:
-            # The slot table goes up before the wait, so its copy runs on the idle compute stream beside
-            # the experts' copies, not after them on the way to the next layer's routing read.
-            self.pool.device_table(layer)
-            if captured is not None:
+            if captured is not None:  # reads its own round table, not the layer's
                 self._captured_round(captured, layer, ready, x_TD)
                 y_TD = weighted_k_sum(captured.out_A1D[:-1], routing.topk_weights_TK)
             else:
+                # The slot table goes up before the wait, so its copy runs on the idle compute stream beside
+                # the experts' copies, not after them on the way to the next layer's routing read.
+                self.pool.device_table(layer)
                 self._wait_for_copies(layer, ready)
                 if compute is None:
                     y_TD = self._compute_all(layer, x_TD, routing)

@@ -2,10 +2,11 @@
 time that the GPU, not the host, spends): a torch.profiler trace of two offloaded decode steps (or, with
 --prefill N, of one N-token prefill after a warm-up one); per gap, the kernels and small copies by name
 (calls, microseconds), the GPU's idle time between them, and the time from the last of them to the next
-expert copy (routing read, host planning, launch); the copies' busy time and span.
+expert copy (routing read, host planning, launch); the copies' busy time and span. With --timelines N,
+also N gaps of about the median length, op by op, with the CUDA runtime calls the host made in them.
 
     python benchmarks/gpu_tail_probe.py benchmarks/configs/qwen3-30b-a3b --gpu-memory 12GiB \
-        --routing synthetic:uniform [--prefill 512]
+        --routing synthetic:uniform [--prefill 512] [--timelines 3]
 """
 
 import argparse
@@ -33,32 +34,53 @@ def tail_by_op(events: list[dict]) -> dict:
     copies = sorted((e for e in events if is_expert_copy(e)), key=lambda e: e["ts"])
     gpu_ops = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and not is_expert_copy(e)),
                      key=lambda e: e["ts"])
-    by_name, gaps, gap_us, idle_us, to_next_copy_us = {}, 0, 0.0, 0.0, 0.0
+    by_name, gap_list, idle_us, to_next_copy_us = {}, [], 0.0, 0.0
     for before, after in itertools.pairwise(copies):
         end, start = before["ts"] + before["dur"], after["ts"]
         if start - end < GAP_MIN_US:
             continue
-        gaps, gap_us, clock = gaps + 1, gap_us + start - end, end
+        gap_list.append(start - end)
+        clock = end
         for op in (op for op in gpu_ops if end <= op["ts"] < start):
             idle_us += max(0.0, op["ts"] - clock)
             clock = max(clock, op["ts"] + op["dur"])
             calls, us = by_name.get(op["name"][:60], (0, 0.0))
             by_name[op["name"][:60]] = (calls + 1, us + op["dur"])
         to_next_copy_us += start - clock
-    per_gap = max(gaps, 1)
+    gaps, gap_us, per_gap = len(gap_list), sum(gap_list), max(len(gap_list), 1)
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
     span_us = copies[-1]["ts"] + copies[-1]["dur"] - copies[0]["ts"] if copies else 0.0
     return {"copies": len(copies), "copy_busy_us": round(sum(c["dur"] for c in copies)), "copy_span_us": round(span_us),
             "gaps": gaps, "gap_us_mean": round(gap_us / per_gap, 1),
+            "gap_us_median": round(sorted(gap_list)[gaps // 2], 1) if gaps else 0.0,
+            "gap_us_largest": [round(g) for g in sorted(gap_list)[-4:]],
             "gpu_idle_between_ops_us_per_gap": round(idle_us / per_gap, 1),
             "last_op_to_next_copy_us_per_gap": round(to_next_copy_us / per_gap, 1),
             "ops_per_gap": {name: [round(calls / per_gap, 2), round(us / per_gap, 1)] for name, (calls, us) in top}}
+
+
+def gap_timelines(events: list[dict], count: int) -> list[list]:
+    """`count` gaps around the median length, each as [gap us, then (start us from the gap's start, duration
+    us, name) of every GPU op and CUDA runtime call in it, in start order]: which kernel or host call the
+    copy engine waits for."""
+    copies = sorted((e for e in events if is_expert_copy(e)), key=lambda e: e["ts"])
+    timed = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset", "cuda_runtime")
+                    and not is_expert_copy(e) and "dur" in e), key=lambda e: e["ts"])
+    gaps = sorted(((after["ts"] - before["ts"] - before["dur"], before["ts"] + before["dur"], after["ts"])
+                   for before, after in itertools.pairwise(copies)
+                   if after["ts"] - before["ts"] - before["dur"] >= GAP_MIN_US), key=lambda g: g[0])
+    middle = len(gaps) // 2
+    picked = gaps[max(0, middle - count // 2): middle - count // 2 + count]
+    return [[round(length)] + [(round(e["ts"] - end, 1), round(e["dur"], 1), e["name"][:48])
+                               for e in timed if end - 5 <= e["ts"] < start]
+            for length, end, start in picked]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     parser.add_argument("--prefill", type=int, default=0, help="profile a prefill of this many tokens instead")
+    parser.add_argument("--timelines", type=int, default=0, help="also print this many gaps' timelines")
     args = parser.parse_args()
     llm = load(args, max(577, args.prefill + 1))
     engine = llm.engine
@@ -86,6 +108,8 @@ def main() -> None:
             events = json.load(f)["traceEvents"]
     print(json.dumps({"model": args.model, "routing": args.routing, "batch": args.batch, "prefill": args.prefill,
                       **tail_by_op(events)}))
+    for timeline in gap_timelines(events, args.timelines):
+        print(json.dumps(timeline))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ machine effect), in alternating rounds of timed decode steps (or prefills). One 
         fits (the executor before 2026-11-22).
     --toggle round-guess: the predictor's guesses for the next layer copied behind a step that ran in rounds;
         off, only behind steps that fit in one pass (the executor before e484dd9).
+    --toggle split: a captured GEMV-sized step with at least executor.SPLIT_MIN_LOADS loads computes its
+        other experts while its last copy streams in, then that one's; off, all of them after the last copy.
 
     python benchmarks/offload_ab.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB --toggle spare \
         [--routing synthetic:uniform] [--batch 1] [--rounds 3] [--steps 16] [--max-model-len 577] [--prefill 512]
@@ -31,6 +33,7 @@ from offload_probe import add_arguments, load, prefill_call
 from moetier import SamplingParams
 from moetier.bench import offload_figures
 from moetier.engine.engine import Engine
+from moetier.offload import executor as executor_module
 from moetier.offload.calibrate import host_to_device_gbps
 
 PROMPT = 512
@@ -90,8 +93,16 @@ def round_guess_switch(engine: Engine):
     return switch
 
 
+def split_switch(engine: Engine):
+    split_min_loads = executor_module.SPLIT_MIN_LOADS
+
+    def switch(on: bool) -> None:
+        executor_module.SPLIT_MIN_LOADS = split_min_loads if on else engine.executor.spec.num_experts + 1
+    return switch
+
+
 SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy_switch, "ahead": ahead_switch,
-            "round-guess": round_guess_switch}
+            "round-guess": round_guess_switch, "split": split_switch}
 
 
 def alternate(args: argparse.Namespace, engine: Engine, switch, step, tokens: int, h2d_gbps: float,

@@ -203,6 +203,23 @@ def test_elementwise_kernels_match_eager_ops():
                     assert (mine.float() - best).abs().mean() <= 1.1 * (theirs.float() - best).abs().mean() + 1e-9
 
 
+@pytest.mark.parametrize("id_dtype, num_experts", [(torch.uint8, 128), (torch.int16, 384)])
+def test_replay_rows_kernel_matches_torch_gather(id_dtype, num_experts):
+    """Replayed routing's fused gather: the same ids and weights as the torch index and casts, with the
+    cursor wrapping past the trace's end and steps of 1 to 600 tokens."""
+    from moetier.kernels.replay_rows import replay_rows
+
+    generator = torch.Generator().manual_seed(0)
+    ids_NK = torch.randint(0, num_experts, (1000, 8), generator=generator).to(id_dtype).cuda()
+    weights_NK = torch.rand(1000, 8, generator=generator).half().cuda()
+    for start, tokens in ((0, 1), (995, 8), (640, 600), (999, 3)):
+        cursor = torch.tensor(start, device="cuda")
+        rows_T = (cursor + torch.arange(tokens, device="cuda")) % 1000
+        ids_TK, weights_TK = replay_rows(ids_NK, weights_NK, cursor, tokens)
+        assert ids_TK.dtype == torch.int64 and weights_TK.dtype == torch.float32
+        assert torch.equal(ids_TK, ids_NK[rows_T].long()) and torch.equal(weights_TK, weights_NK[rows_T].float())
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graph_decode_equals_eager(dtype, tmp_path):
     make_checkpoint("qwen3_moe", tmp_path)
@@ -228,6 +245,7 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
     and the next-layer prefetch: whole layers after spread routing, or (gate) every guess of the
     predictor, its precision and the measured window ignored."""
     monkeypatch.setattr(executor_module, "OVERLAP_MIN_TOKENS", 1)  # the overlap rounds at GEMV sizes too
+    monkeypatch.setattr(executor_module, "SPLIT_MIN_LOADS", 1)  # (captured GEMV steps split at the last copy)
     monkeypatch.setattr(executor_module, "spare_slots", lambda slots, experts: 2 if slots < experts else 0)
     if predictor == "gate":
         monkeypatch.setattr(executor_module, "PREDICTION_MIN_PRECISION", 0.0)
@@ -248,10 +266,11 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
     ours, theirs = offloaded.generate(prompts, params), resident.generate(prompts, params)
     assert [(o.token_ids, o.logprobs) for o in ours] == [(o.token_ids, o.logprobs) for o in theirs]
     # GEMV-sized buckets: a full one (1 or 4 sequences) replays a layer's captured expert compute once
-    # its experts are resident (the run returns None); 3 sequences in the bucket of 4 compute eagerly
+    # its experts are resident, or split at its last copy (the run returns None); 3 sequences in the
+    # bucket of 4 compute eagerly
     # A full grouped bucket (8 sequences) replays its layers' captured round graphs, one per round.
-    executor, replayed, rounds_captured = offloaded.engine.executor, [], []
-    run = executor.run
+    executor, replayed, rounds_captured, splits = offloaded.engine.executor, [], [], []
+    run, split = executor.run, executor._split_at_last_copy
 
     def recording_run(layer, x_TD, routing, guess_TK=None, compute=None):
         y_TD = run(layer, x_TD, routing, guess_TK, compute)
@@ -260,12 +279,14 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
         return y_TD
 
     monkeypatch.setattr(executor, "run", recording_run)
+    monkeypatch.setattr(executor, "_split_at_last_copy", lambda *args: splits.append(split(*args)))
     for group in ([prompts[1]], prompts[:3], prompts[2:6], prompts + [[33, 34], list(range(60, 75))]):
         ours, theirs = offloaded.generate(group, params), resident.generate(group, params)
         assert [(o.token_ids, o.logprobs) for o in ours] == [(o.token_ids, o.logprobs) for o in theirs]
     assert any(rounds_captured)
     if slots == 1 or slots >= 12:  # one slot never holds a step's two experts; 12 hold most layers' steps
-        assert any(replayed) == (slots >= 12)
+        # split at the last copy where steps still copy (24 slots hold every expert after the first run)
+        assert any(replayed) == (slots >= 12) and bool(splits) == (slots == 12)
     stats = offloaded.stats()
     copies = stats["misses"] - stats["prefetch_used"] + stats["prefetch_loads"]
     assert stats["misses"] > 0 and stats["bytes_copied"] == copies * stats["slot_bytes"]

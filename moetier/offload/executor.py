@@ -44,7 +44,7 @@ from moetier.offload.copy_engine import CopyEngine, make_copy_engine
 from moetier.offload.planner import SlotPlanner, spare_slots
 from moetier.offload.predict import Predictor
 from moetier.offload.prefetch import PrefetchWindow, running_average
-from moetier.offload.slots import SlotPool
+from moetier.offload.slots import SlotPool, TableUploads
 from moetier.offload.store import ExpertStore
 
 # The next layer is prefetched whole when this one needed at least 7/8 of its experts.
@@ -64,6 +64,11 @@ PREDICTION_MIN_PRECISION = 0.5
 # Below it, one layer step in this many still predicts (and is scored), so a run whose routing
 # becomes predictable turns prefetching back on; the others skip the predictor's kernels.
 PREDICTION_PROBE_EVERY = 8
+# A GEMV-sized step with at least this many loads computes its other experts while the last copy streams
+# in (CapturedStep). With fewer, the copies are short next to the extra replay's and table's host time.
+SPLIT_MIN_LOADS = 3
+# Up to this many routed ids (decode steps) a Python set finds the distinct ones faster than np.unique.
+DISTINCT_BY_SET_MAX = 256
 
 
 class OffloadedExecutor:
@@ -117,11 +122,12 @@ class OffloadedExecutor:
         return self.store
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing, guess_TK: torch.Tensor | None = None,
-            compute: "torch.cuda.CUDAGraph | CapturedRound | None" = None) -> torch.Tensor | None:
+            compute: "CapturedStep | CapturedRound | None" = None) -> torch.Tensor | None:
         """The routed experts' output for the step, or None when `compute` wrote it. From piecewise decode
         graphs: `guess_TK`, the predictor's guess that the graph before already enqueued, and `compute`,
-        what capture_compute() captured for these very tensors: at GEMV sizes a graph of the whole step,
-        replayed when the step's experts all fit; else a graph of one round, replayed for every round."""
+        what capture_compute() captured for these very tensors: at GEMV sizes a CapturedStep, the whole step
+        replayed when its experts all fit (or split at its last copy); else a graph of one round, replayed
+        for every round."""
         captured = compute if isinstance(compute, CapturedRound) else None
         if not self._predicting():
             guess_TK = None
@@ -132,24 +138,28 @@ class OffloadedExecutor:
         self.routing_sync_s += time.perf_counter() - started
         # The first misses copy into the spare slots before the rest of the host work (planner.py).
         claimed = self.planner.claim_free(layer, needed)
-        self.window.copies_start()
         self._copy_claimed(layer, claimed)
+        self.window.copies_start()  # times the copies after the claimed ones, which need not wait for it
         self.window.window_ends(first_layer=layer == self.moe_layers[0])
         if layer == self.moe_layers[0]:
             self.tokens += x_TD.shape[0]
         self.planner.access(layer, needed)
         hits, loads = self._plan_and_copy(layer, needed, copied=len(claimed))
-        self.window.copies_issued(len(loads))
+        self.window.copies_issued(len(loads) - len(claimed))
         # Host work that the copies need not wait for comes after they started.
         self.window.measure()
         self._score_guess(layer, needed)
         ready = sorted(hits + loads)
         fits = len(ready) == len(needed)
-        overlap = bool(hits and loads) and x_TD.shape[0] >= OVERLAP_MIN_TOKENS
+        split = fits and isinstance(compute, CapturedStep) and len(loads) >= SPLIT_MIN_LOADS
+        overlap = bool(hits and loads) and x_TD.shape[0] >= OVERLAP_MIN_TOKENS and not split
         if fits and not overlap:
             if captured is not None:  # reads its own round table, not the layer's
                 self._captured_round(captured, layer, ready, x_TD)
                 y_TD = weighted_k_sum(captured.out_A1D[:-1], routing.topk_weights_TK)
+            elif split:
+                self._split_at_last_copy(compute, layer, hits, loads, x_TD)
+                y_TD = None
             else:
                 # The slot table goes up before the wait, so its copy runs on the idle compute stream beside
                 # the experts' copies, not after them on the way to the next layer's routing read.
@@ -158,7 +168,7 @@ class OffloadedExecutor:
                 if compute is None:
                     y_TD = self._compute_all(layer, x_TD, routing)
                 else:
-                    compute.replay()
+                    compute.whole.replay()
                     y_TD = None
             self._mark_read(layer, ready)
         else:
@@ -214,6 +224,19 @@ class OffloadedExecutor:
         self._wait_for_copies(layer, experts)
         captured.graph.replay()
 
+    def _split_at_last_copy(self, step: "CapturedStep", layer: int, hits: list[int], loads: list[int],
+                            x_TD: torch.Tensor) -> None:
+        """The step's experts but the last load's compute once their copies completed, while the last copy
+        streams in; then that one's, and the weighted sum: of the experts' GEMVs, only one expert's stands
+        between the layer's last copy and the next layer's routing read, where the copy engine idles.
+        (`loads` in copy order.)"""
+        early = sorted(hits + loads[:-1])
+        if early:
+            self._captured_round(step.early, layer, early, x_TD)
+        self._round_slots(layer, loads[-1:], x_TD, into=step.early.slots_E)
+        self._wait_for_copies(layer, loads[-1:])
+        step.last.replay()
+
     def _plan_next_round(self, layer: int, remaining: list[int], unread: list[int], width: int, rounds: deque
                          ) -> list[int]:
         """Plans the next round of `remaining` beside the `unread` experts and starts its copies; appends
@@ -246,7 +269,7 @@ class OffloadedExecutor:
                 hosts.append(host.numpy())
                 offset += part.numel()
             torch.cuda.current_stream(topk_ids_TK.device.index).synchronize()  # an int: the fast path
-        return np.unique(hosts[0]).tolist(), hosts[1] if len(hosts) > 1 else None
+        return _distinct(hosts[0]), hosts[1] if len(hosts) > 1 else None
 
     # --- planning and copies ----------------------------------------------------------------
 
@@ -384,11 +407,12 @@ class OffloadedExecutor:
         return weighted_k_sum(out_AD, routing.topk_weights_TK)
 
     def capture_compute(self, layer: int, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor,
-                        pool) -> "torch.cuda.CUDAGraph | CapturedRound | None":
+                        pool) -> "CapturedStep | CapturedRound | None":
         """For piecewise decode graphs, on their capture stream, over these static tensors. At GEMV sizes a
-        graph of _gemv_all into y_TD, which run() replays when every expert the step needs is resident (its
-        table uploaded first): one replay instead of the slot gather, two GEMV launches and the k-weighted
-        sum (at batch 1 the host, not the copy engine, set the pace: benchmarks/host_time_offload.py). At
+        CapturedStep: a graph of _gemv_all into y_TD, which run() replays when every expert the step needs
+        is resident (its table uploaded first): one replay instead of the slot gather, two GEMV launches and
+        the k-weighted sum (at batch 1 the host, not the copy engine, set the pace:
+        benchmarks/host_time_offload.py); and the two graphs of a step split at its last copy. At
         grouped sizes a graph of one round (_compute_round) from a static slot table into a static output,
         which run() replays for each round of the step: its dozen launches cost ~0.5-0.9 ms of host time a
         round on the device H100, a replay one launch (torch ops took 15-230 us of host time each
@@ -396,27 +420,25 @@ class OffloadedExecutor:
         reads its offsets on the host (the looped fallback: fp32, or no grouped_mm), which no graph holds."""
         if not self._gemv_sized(x_TD):
             return self._capture_round(x_TD, routing, pool) if self.kernel is grouped_experts else None
-        y_TD.copy_(self._gemv_all(layer, x_TD, routing))  # warm-up: kernels compiled outside the capture
-        graph = torch.cuda.CUDAGraph()
-        graph.capture_begin(pool=pool)
-        y_TD.copy_(self._gemv_all(layer, x_TD, routing))
-        graph.capture_end()
-        return graph
+        whole = _captured(lambda: y_TD.copy_(self._gemv_all(layer, x_TD, routing)), pool)
+        early = self._capture_round(x_TD, routing, pool)
+
+        def last() -> None:
+            self._compute_round(x_TD, routing, early.slots_E, early.out_A1D)
+            y_TD.copy_(weighted_k_sum(early.out_A1D[:-1], routing.topk_weights_TK))
+        return CapturedStep(whole, early, _captured(last, pool))
 
     def _capture_round(self, x_TD: torch.Tensor, routing: Routing, pool) -> "CapturedRound":
         """A graph of _compute_round over these static tensors. Its table and output are shared by every
         layer's graph at this size: the layers' rounds run one after another on one stream."""
         tokens = x_TD.shape[0]
-        if tokens not in self._round_buffers:
+        if tokens not in self._round_buffers:  # a valid table for the warm-up: every row skipped
             self._round_buffers[tokens] = (
-                torch.full((self.spec.num_experts,), self.pool.num_slots, dtype=torch.int64, device=x_TD.device),
+                torch.full((self.spec.num_experts,), -1 if self._gemv_sized(x_TD) else self.pool.num_slots,
+                           dtype=torch.int64, device=x_TD.device),
                 torch.empty(routing.topk_ids_TK.numel() + 1, x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device))
         slots_E, out_A1D = self._round_buffers[tokens]
-        self._compute_round(x_TD, routing, slots_E, out_A1D)  # warm-up, outside the capture
-        graph = torch.cuda.CUDAGraph()
-        graph.capture_begin(pool=pool)
-        self._compute_round(x_TD, routing, slots_E, out_A1D)
-        graph.capture_end()
+        graph = _captured(lambda: self._compute_round(x_TD, routing, slots_E, out_A1D), pool)
         return CapturedRound(graph, slots_E, out_A1D)
 
     def _round_slots(self, layer: int, experts: list[int], x_TD: torch.Tensor, into: torch.Tensor | None = None
@@ -482,12 +504,29 @@ class OffloadedExecutor:
         }
 
 
+def _distinct(ids: np.ndarray) -> list[int]:
+    """The distinct ids, ascending. A decode step's few through a Python set (0.5 against np.unique's 2.6
+    us for 8 ids on the CI machine), host time between the routing read and the layer's first copy."""
+    return sorted(set(ids.tolist())) if len(ids) <= DISTINCT_BY_SET_MAX else np.unique(ids).tolist()
+
+
 def _first_seen(guess: np.ndarray | None) -> list[int]:
     """The distinct experts of a k-major guess, in the order first seen (the tokens' first choices first)."""
     if guess is None:
         return []
     _, first_at = np.unique(guess, return_index=True)
     return guess[np.sort(first_at)].tolist()
+
+
+def _captured(work: Callable[[], object], pool) -> torch.cuda.CUDAGraph:
+    """A graph of `work` in the memory pool `pool`, after one eager warm-up run (kernels compiled outside
+    the capture)."""
+    work()
+    graph = torch.cuda.CUDAGraph()
+    graph.capture_begin(pool=pool)
+    work()
+    graph.capture_end()
+    return graph
 
 
 @dataclass(frozen=True)
@@ -499,32 +538,13 @@ class CapturedRound:
     out_A1D: torch.Tensor
 
 
-class TableUploads:
-    """Small int64 tables to the device, asynchronously, from the rows of one pinned buffer in turn (a pinned
-    copy per upload, pin_memory(), cost ~100 us of host time a round on the device H100); a row is written
-    again once the copy out of it completed (`rows` uploads later, so the host hardly ever waits)."""
-
-    def __init__(self, width: int, device: torch.device, rows: int = 64):
-        self.device = device
-        self.host_RW = torch.empty((rows, width), dtype=torch.int64, pin_memory=device.type == "cuda")
-        self.copied: list[torch.cuda.Event | None] = [None] * rows
-        self._next = 0
-
-    def next_row(self) -> tuple[np.ndarray, Callable[[torch.Tensor | None], torch.Tensor]]:
-        """A row to write the table into, and the call that then uploads it: into the device tensor given,
-        or a new one."""
-        row = self._next
-        self._next = (row + 1) % len(self.copied)
-        if self.copied[row] is not None:
-            self.copied[row].synchronize()
-        return self.host_RW[row].numpy(), lambda into: self._upload(row, into)
-
-    def _upload(self, row: int, into: torch.Tensor | None) -> torch.Tensor:
-        if self.device.type != "cuda":  # a copy: the row is written again later
-            table = self.host_RW[row].to(self.device, copy=True)
-            return table if into is None else into.copy_(table)
-        table = torch.empty(self.host_RW.shape[1], dtype=torch.int64, device=self.device) if into is None else into
-        table.copy_(self.host_RW[row], non_blocking=True)
-        self.copied[row] = torch.cuda.Event()
-        self.copied[row].record()
-        return table
+@dataclass(frozen=True)
+class CapturedStep:
+    """A GEMV-sized step captured for one decode bucket and layer (capture_compute): `whole` computes every
+    assignment through the layer's slot table into the step's output; `early` is a round over its own table;
+    `last` computes the rows that table maps into early.out_A1D, then the k-weighted sum of all rows into
+    the step's output (run's split at the last copy: early for the experts whose copies completed, last for
+    the last copy's)."""
+    whole: torch.cuda.CUDAGraph
+    early: CapturedRound
+    last: torch.cuda.CUDAGraph

@@ -27,8 +27,9 @@ class PrefetchWindow:
         self._pending: list[tuple[str, Event, Event, int]] = []  # measurements whose events may not have completed
 
     def copies_start(self) -> None:
-        """Called after a layer's routing read, right before its own copies: the span they are timed
-        over starts."""
+        """Called after a layer's routing read, once the copies into spare slots are issued (a marker
+        costs host time the first copy would wait for): the span the layer's other copies are timed
+        over starts when those first ones end."""
         self._start = self.copy_engine.marker(on_copies=True)
 
     def window_ends(self, first_layer: bool) -> None:
@@ -42,7 +43,8 @@ class PrefetchWindow:
             self._pending.append(("window", self._end, now, 0))
 
     def copies_issued(self, count: int) -> None:
-        """The layer's own copies (possibly none) are issued; its window opens when they end."""
+        """The layer's own copies are issued (`count` of them after copies_start, possibly none); its
+        window opens when they end."""
         self._end = self.copy_engine.marker(on_copies=True)
         if count and self._start is not None:
             self._pending.append(("copy", self._start, self._end, count))

@@ -4,6 +4,8 @@ events that order refills: the copy that filled it and the last kernel that read
 goes where is decided by the SlotPlanner (offload/planner.py).
 """
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -24,6 +26,7 @@ class SlotPool:
         self.last_read: list[Event | None] = [None] * num_slots
         self.filled: list[Event | None] = [None] * num_slots  # the copy into the slot, until compute waited on it
         self._dirty: set[int] = set()
+        self._uploads = TableUploads(num_experts, device)
 
     @property
     def num_slots(self) -> int:
@@ -45,10 +48,41 @@ class SlotPool:
     def device_table(self, layer: int) -> torch.Tensor:
         """The layer's expert -> slot table (int64 [E], -1 when absent) on the device, up to date."""
         if layer in self._dirty:
-            # A fresh pinned copy per update: the copy is truly asynchronous (a pageable source would
-            # block the host until the stream got there) and the caching host allocator reuses its
-            # block only after the copy completed, so the host may edit its mirror right away.
-            table = torch.from_numpy(self.host_tables[layer])
-            self.tables[layer].copy_(table.pin_memory() if self.tables[layer].is_cuda else table, non_blocking=True)
+            # Through a pinned row (a pageable source would block the host until the stream got there),
+            # so the host may edit its mirror right away.
+            row_E, upload = self._uploads.next_row()
+            row_E[:] = self.host_tables[layer]
+            upload(self.tables[layer])
             self._dirty.discard(layer)
         return self.tables[layer]
+
+
+class TableUploads:
+    """Small int64 tables to the device, asynchronously, from the rows of one pinned buffer in turn (a pinned
+    copy per upload, pin_memory(), cost ~100 us of host time a round on the device H100); a row is written
+    again once the copy out of it completed (`rows` uploads later, so the host hardly ever waits)."""
+
+    def __init__(self, width: int, device: torch.device, rows: int = 64):
+        self.device = device
+        self.host_RW = torch.empty((rows, width), dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.copied: list[torch.cuda.Event | None] = [None] * rows
+        self._next = 0
+
+    def next_row(self) -> tuple[np.ndarray, Callable[[torch.Tensor | None], torch.Tensor]]:
+        """A row to write the table into, and the call that then uploads it: into the device tensor given,
+        or a new one."""
+        row = self._next
+        self._next = (row + 1) % len(self.copied)
+        if self.copied[row] is not None:
+            self.copied[row].synchronize()
+        return self.host_RW[row].numpy(), lambda into: self._upload(row, into)
+
+    def _upload(self, row: int, into: torch.Tensor | None) -> torch.Tensor:
+        if self.device.type != "cuda":  # a copy: the row is written again later
+            table = self.host_RW[row].to(self.device, copy=True)
+            return table if into is None else into.copy_(table)
+        table = torch.empty(self.host_RW.shape[1], dtype=torch.int64, device=self.device) if into is None else into
+        table.copy_(self.host_RW[row], non_blocking=True)
+        self.copied[row] = torch.cuda.Event()
+        self.copied[row].record()
+        return table

@@ -10,6 +10,7 @@ Legend: T tokens, K experts per token, N trace tokens, L MoE layers.
 import torch
 
 from moetier.errors import MoetierError
+from moetier.kernels import replay_rows
 from moetier.moe.layer import MoELayer
 from moetier.moe.router import Routing
 from moetier.trace.format import RoutingTrace, require_routing_shape
@@ -29,9 +30,12 @@ class ReplayedRouting:
 
     def __call__(self, layer: int, routing: Routing) -> Routing:
         num_tokens = routing.topk_ids_TK.shape[0]
-        rows_T = (self.cursor + torch.arange(num_tokens, device=self.cursor.device)) % self.ids_LNK.shape[1]
         i = self.position_of[layer]
-        replayed = Routing(self.ids_LNK[i, rows_T].long(), self.weights_LNK[i, rows_T].float())
+        if replay_rows.supported(self.ids_LNK):
+            replayed = Routing(*replay_rows.replay_rows(self.ids_LNK[i], self.weights_LNK[i], self.cursor, num_tokens))
+        else:
+            rows_T = (self.cursor + torch.arange(num_tokens, device=self.cursor.device)) % self.ids_LNK.shape[1]
+            replayed = Routing(self.ids_LNK[i, rows_T].long(), self.weights_LNK[i, rows_T].float())
         if layer == self.last_layer:
             self.cursor.add_(num_tokens)  # in place: a captured graph advances it on every replay
         return replayed

@@ -4,6 +4,8 @@ call reading other experts than the last so that the 50 MB L2 holds none of them
 
     python benchmarks/gemv_sweep.py            # every shape, the whole grid
     python benchmarks/gemv_sweep.py --dense    # the dense decode GEMVs alone: cuBLAS and dense_gemv
+    python benchmarks/gemv_sweep.py --one-active  # one token, one of its top-k rows computed, the others
+                                                  # skipped: an offloaded step's last round (executor.py)
 """
 
 import functools
@@ -57,14 +59,14 @@ def graph_time_s(calls) -> float:
     return start.elapsed_time(end) / 1e3 / (REPLAYS * len(calls))
 
 
-def tile_grid():
-    for block_n, block_k, warps, stages in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024), (2, 4, 8), (1, 3)):
+def tile_grid(block_ns=(4, 8, 16, 32)):
+    for block_n, block_k, warps, stages in itertools.product(block_ns, (128, 256, 512, 1024), (2, 4, 8), (1, 3)):
         per_thread = block_n * block_k / (32 * warps)
         if 8 <= per_thread <= 64:
             yield block_n, block_k, warps, stages
 
 
-def expert_calls(shape, tokens, block_n, block_k, warps, stages):
+def expert_calls(shape, tokens, block_n, block_k, warps, stages, one_active=False):
     experts, n, k, swiglu, top_k = shape
     w = torch.randn(experts, n, k, dtype=torch.bfloat16, device="cuda")
     assignments = tokens * top_k
@@ -73,6 +75,8 @@ def expert_calls(shape, tokens, block_n, block_k, warps, stages):
     calls = []
     for i in range(CALLS_PER_GRAPH):
         slots = (torch.arange(assignments, device="cuda") + i * assignments) % experts
+        if one_active:
+            slots = torch.where(torch.arange(assignments, device="cuda") == i % assignments, slots, -1)
         slots = slots.to(torch.int32)
 
         def call(slots=slots):
@@ -81,7 +85,7 @@ def expert_calls(shape, tokens, block_n, block_k, warps, stages):
                 n, k, 1 if swiglu else top_k,
                 SWIGLU=swiglu, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
         calls.append(call)
-    distinct = min(assignments, experts)
+    distinct = 1 if one_active else min(assignments, experts)
     return calls, distinct * n * k * 2
 
 
@@ -102,7 +106,25 @@ def dense_tile(x, w, tile):
     return out
 
 
+def one_active_sweep() -> None:
+    """The 5 best tiles and the tile in use (expert_gemv._TILES) per expert shape, one row of 8 computed."""
+    from moetier.kernels.expert_gemv import _TILES
+
+    for name, shape in EXPERT_SHAPES.items():
+        results = []
+        for tile in tile_grid(block_ns=(1, 2, 4, 8)):
+            calls, nbytes = expert_calls(shape, 1, *tile, one_active=True)
+            results.append((graph_time_s(calls), tile, nbytes))
+        block_n, warps, stages = _TILES[shape[3]]
+        for t, tile, nbytes in sorted(results)[:5] + [r for r in results if r[1] == (block_n, 256, warps, stages)]:
+            print(json.dumps({"kernel": "expert_gemv", "shape": name, "one_active": True, "tile": tile,
+                              "us": round(t * 1e6, 2), "gbps": round(nbytes / t / 1e9, 1)}), flush=True)
+
+
 def main() -> None:
+    if "--one-active" in sys.argv:
+        one_active_sweep()
+        return
     dense_only = "--dense" in sys.argv
     for tokens in (1, 8):
         for name, (n, k) in DENSE_SHAPES.items():

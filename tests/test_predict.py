@@ -48,6 +48,8 @@ def test_predicted_prefetch_is_exact_and_used(slots, tmp_path, monkeypatch):
     assert stats["prefetch_loads"] > 0 and stats["prefetch_used"] > 0
     assert 0 < stats["prediction_precision"] <= 1 and 0 < stats["prediction_recall"] <= 1
     assert stats["bytes_copied"] == (stats["misses"] - stats["prefetch_used"] + stats["prefetch_loads"]) * stats["slot_bytes"]
+    # one copy's time (1 ms here), from the copies after each layer's first (timed from its end)
+    assert stats["expert_copy_s"] == pytest.approx(0.001, rel=0.5)
 
 
 def test_gate_predictor_predicts_the_trained_model():
@@ -85,7 +87,7 @@ class _Clock:
 
 def _layer(window: PrefetchWindow, copies: int, first: bool = False) -> None:
     window.measure()  # after the routing read
-    window.copies_start()
+    window.copies_start(None)
     window.window_ends(first_layer=first)
     window.copies_issued(copies)
 

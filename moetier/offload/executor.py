@@ -40,7 +40,7 @@ from moetier.moe.experts import ExpertId, ExpertLayout, ExpertWeights
 from moetier.moe.grouped import GEMV_MAX_TOKENS, gemv_experts, grouped_experts
 from moetier.moe.router import Routing
 from moetier.offload.cache import EvictionPolicy, make_policy
-from moetier.offload.copy_engine import CopyEngine, make_copy_engine
+from moetier.offload.copy_engine import CopyEngine, Event, make_copy_engine
 from moetier.offload.planner import SlotPlanner, spare_slots
 from moetier.offload.predict import Predictor
 from moetier.offload.prefetch import PrefetchWindow, running_average
@@ -138,14 +138,14 @@ class OffloadedExecutor:
         self.routing_sync_s += time.perf_counter() - started
         # The first misses copy into the spare slots before the rest of the host work (planner.py).
         claimed = self.planner.claim_free(layer, needed)
-        self._copy_claimed(layer, claimed)
-        self.window.copies_start()  # times the copies after the claimed ones, which need not wait for it
+        first_copy = self._copy_claimed(layer, claimed)
+        self.window.copies_start(first_copy)
         self.window.window_ends(first_layer=layer == self.moe_layers[0])
         if layer == self.moe_layers[0]:
             self.tokens += x_TD.shape[0]
         self.planner.access(layer, needed)
         hits, loads = self._plan_and_copy(layer, needed, copied=len(claimed))
-        self.window.copies_issued(len(loads) - len(claimed))
+        self.window.copies_issued(len(loads) - (first_copy is not None))
         # Host work that the copies need not wait for comes after they started.
         self.window.measure()
         self._score_guess(layer, needed)
@@ -273,13 +273,14 @@ class OffloadedExecutor:
 
     # --- planning and copies ----------------------------------------------------------------
 
-    def _copy_claimed(self, layer: int, claimed: list[tuple[int, int]]) -> None:
-        """Starts the copies of the misses claim_free booked into free slots."""
+    def _copy_claimed(self, layer: int, claimed: list[tuple[int, int]]) -> Event | None:
+        """Starts the copies of the misses claim_free booked into free slots; the first one's event."""
         if not claimed:
-            return
+            return None
         with self.copy_engine.issuing():
             for e, slot in claimed:
                 self._copy_into(ExpertId(layer, e), slot, None)
+        return self.pool.filled[claimed[0][1]]
 
     def _copy_into(self, expert: ExpertId, slot: int, evicted: ExpertId | None) -> None:
         filled = self.store.copy_in(expert, self.pool.slot_bytes_S[slot], self.copy_engine, self.pool.last_read[slot])

@@ -83,7 +83,7 @@ def expert_calls(shape, tokens, block_n, block_k, warps, stages, one_active=Fals
             _expert_gemv_kernel[(assignments, triton.cdiv(n, block_n))](
                 x, w, slots, out, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
                 n, k, 1 if swiglu else top_k,
-                SWIGLU=swiglu, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+                SWIGLU=swiglu, DENSE=False, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
         calls.append(call)
     distinct = 1 if one_active else min(assignments, experts)
     return calls, distinct * n * k * 2

@@ -21,7 +21,7 @@ from moetier.engine.scheduler import ScheduledSeq
 from moetier.models.transformer import CausalLM
 from moetier.moe.layer import MoELayer
 from moetier.moe.router import Routing
-from moetier.offload.executor import CapturedRound, CapturedStep, OffloadedExecutor
+from moetier.offload.executor import CapturedRound, OffloadedExecutor
 
 _BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # A step's graph is captured in this many pieces of consecutive layers, launched back to back: the
@@ -149,7 +149,7 @@ class _ExpertCall:
     def __init__(self, layer: int, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor,
                  guess_TK: torch.Tensor | None):
         self.layer, self.x_TD, self.routing, self.y_TD, self.guess_TK = layer, x_TD, routing, y_TD, guess_TK
-        self.compute: CapturedStep | CapturedRound | None = None
+        self.compute: torch.cuda.CUDAGraph | CapturedRound | None = None
 
 
 class _GraphBreaks:

@@ -64,8 +64,9 @@ PREDICTION_MIN_PRECISION = 0.5
 # Below it, one layer step in this many still predicts (and is scored), so a run whose routing
 # becomes predictable turns prefetching back on; the others skip the predictor's kernels.
 PREDICTION_PROBE_EVERY = 8
-# A GEMV-sized step with at least this many loads computes its other experts while the last copy streams
-# in (CapturedStep). With fewer, the copies are short next to the extra replay's and table's host time.
+# A captured GEMV-sized step with at least this many loads computes its other experts while the last copy
+# streams in (_split_at_last_copy). With fewer, the copies are short next to the extra replay's and table's
+# host time.
 SPLIT_MIN_LOADS = 3
 # Up to this many routed ids (decode steps) a Python set finds the distinct ones faster than np.unique.
 DISTINCT_BY_SET_MAX = 256
@@ -122,12 +123,12 @@ class OffloadedExecutor:
         return self.store
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing, guess_TK: torch.Tensor | None = None,
-            compute: "CapturedStep | CapturedRound | None" = None) -> torch.Tensor | None:
+            compute: "torch.cuda.CUDAGraph | CapturedRound | None" = None) -> torch.Tensor | None:
         """The routed experts' output for the step, or None when `compute` wrote it. From piecewise decode
         graphs: `guess_TK`, the predictor's guess that the graph before already enqueued, and `compute`,
-        what capture_compute() captured for these very tensors: at GEMV sizes a CapturedStep, the whole step
-        replayed when its experts all fit (or split at its last copy); else a graph of one round, replayed
-        for every round."""
+        what capture_compute() captured for these very tensors: at GEMV sizes a graph of the whole step,
+        replayed when its experts all fit (twice when split at its last copy); else a graph of one round,
+        replayed for every round."""
         captured = compute if isinstance(compute, CapturedRound) else None
         if not self._predicting():
             guess_TK = None
@@ -151,14 +152,14 @@ class OffloadedExecutor:
         self._score_guess(layer, needed)
         ready = sorted(hits + loads)
         fits = len(ready) == len(needed)
-        split = fits and isinstance(compute, CapturedStep) and len(loads) >= SPLIT_MIN_LOADS
+        split = fits and isinstance(compute, torch.cuda.CUDAGraph) and len(loads) >= SPLIT_MIN_LOADS
         overlap = bool(hits and loads) and x_TD.shape[0] >= OVERLAP_MIN_TOKENS and not split
         if fits and not overlap:
             if captured is not None:  # reads its own round table, not the layer's
                 self._captured_round(captured, layer, ready, x_TD)
                 y_TD = weighted_k_sum(captured.out_A1D[:-1], routing.topk_weights_TK)
             elif split:
-                self._split_at_last_copy(compute, layer, hits, loads, x_TD)
+                self._split_at_last_copy(compute, layer, hits, loads)
                 y_TD = None
             else:
                 # The slot table goes up before the wait, so its copy runs on the idle compute stream beside
@@ -168,7 +169,7 @@ class OffloadedExecutor:
                 if compute is None:
                     y_TD = self._compute_all(layer, x_TD, routing)
                 else:
-                    compute.whole.replay()
+                    compute.replay()
                     y_TD = None
             self._mark_read(layer, ready)
         else:
@@ -224,18 +225,19 @@ class OffloadedExecutor:
         self._wait_for_copies(layer, experts)
         captured.graph.replay()
 
-    def _split_at_last_copy(self, step: "CapturedStep", layer: int, hits: list[int], loads: list[int],
-                            x_TD: torch.Tensor) -> None:
-        """The step's experts but the last load's compute once their copies completed, while the last copy
-        streams in; then that one's, and the weighted sum: of the experts' GEMVs, only one expert's stands
-        between the layer's last copy and the next layer's routing read, where the copy engine idles.
+    def _split_at_last_copy(self, graph: torch.cuda.CUDAGraph, layer: int, hits: list[int], loads: list[int]
+                            ) -> None:
+        """The step's captured graph replayed twice, over the layer's table holding first every expert but
+        the last load, once their copies completed, then that one alone, once its copy completed: of the
+        experts' GEMVs only one expert's stands between the layer's last copy and the next layer's routing
+        read, where the copy engine idles. The graph computes the rows of the experts the table maps (the
+        others keep the first replay's) and then the weighted sum: the second replay's is the step's.
         (`loads` in copy order.)"""
-        early = sorted(hits + loads[:-1])
-        if early:
-            self._captured_round(step.early, layer, early, x_TD)
-        self._round_slots(layer, loads[-1:], x_TD, into=step.early.slots_E)
-        self._wait_for_copies(layer, loads[-1:])
-        step.last.replay()
+        for experts in (hits + loads[:-1], loads[-1:]):
+            if experts:
+                self.pool.device_table_of(layer, experts)
+                self._wait_for_copies(layer, experts)
+                graph.replay()
 
     def _plan_next_round(self, layer: int, remaining: list[int], unread: list[int], width: int, rounds: deque
                          ) -> list[int]:
@@ -402,18 +404,20 @@ class OffloadedExecutor:
         """Whether the step's experts run through the decode GEMV (else the grouped kernel)."""
         return self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS
 
-    def _gemv_all(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Every assignment through the slot of its expert (the device table as it stands)."""
-        out_AD = gemv_experts(x_TD, self.pool.tables[layer][routing.topk_ids_TK.reshape(-1)], self.pool.bank)
+    def _gemv_all(self, layer: int, x_TD: torch.Tensor, routing: Routing, out_AD: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """Every assignment through the slot of its expert (the device table as it stands; into out_AD, if
+        given, where the rows of experts the table lacks keep their values)."""
+        out_AD = gemv_experts(x_TD, self.pool.tables[layer][routing.topk_ids_TK.reshape(-1)], self.pool.bank, out_AD)
         return weighted_k_sum(out_AD, routing.topk_weights_TK)
 
     def capture_compute(self, layer: int, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor,
-                        pool) -> "CapturedStep | CapturedRound | None":
+                        pool) -> "torch.cuda.CUDAGraph | CapturedRound | None":
         """For piecewise decode graphs, on their capture stream, over these static tensors. At GEMV sizes a
-        CapturedStep: a graph of _gemv_all into y_TD, which run() replays when every expert the step needs
-        is resident (its table uploaded first): one replay instead of the slot gather, two GEMV launches and
-        the k-weighted sum (at batch 1 the host, not the copy engine, set the pace:
-        benchmarks/host_time_offload.py); and the two graphs of a step split at its last copy. At
+        graph of _gemv_all into y_TD, its rows in a static buffer, which run() replays when every expert the
+        step needs is resident (its table uploaded first): one replay instead of the slot gather, two GEMV
+        launches and the k-weighted sum (at batch 1 the host, not the copy engine, set the pace:
+        benchmarks/host_time_offload.py); twice, when it splits the step at its last copy. At
         grouped sizes a graph of one round (_compute_round) from a static slot table into a static output,
         which run() replays for each round of the step: its dozen launches cost ~0.5-0.9 ms of host time a
         round on the device H100, a replay one launch (torch ops took 15-230 us of host time each
@@ -421,26 +425,24 @@ class OffloadedExecutor:
         reads its offsets on the host (the looped fallback: fp32, or no grouped_mm), which no graph holds."""
         if not self._gemv_sized(x_TD):
             return self._capture_round(x_TD, routing, pool) if self.kernel is grouped_experts else None
-        whole = _captured(lambda: y_TD.copy_(self._gemv_all(layer, x_TD, routing)), pool)
-        early = self._capture_round(x_TD, routing, pool)
-
-        def last() -> None:
-            self._compute_round(x_TD, routing, early.slots_E, early.out_A1D)
-            y_TD.copy_(weighted_k_sum(early.out_A1D[:-1], routing.topk_weights_TK))
-        return CapturedStep(whole, early, _captured(last, pool))
+        _, out_A1D = self._shared_buffers(x_TD, routing)
+        return _captured(lambda: y_TD.copy_(self._gemv_all(layer, x_TD, routing, out_A1D[:-1])), pool)
 
     def _capture_round(self, x_TD: torch.Tensor, routing: Routing, pool) -> "CapturedRound":
         """A graph of _compute_round over these static tensors. Its table and output are shared by every
         layer's graph at this size: the layers' rounds run one after another on one stream."""
-        tokens = x_TD.shape[0]
-        if tokens not in self._round_buffers:  # a valid table for the warm-up: every row skipped
-            self._round_buffers[tokens] = (
-                torch.full((self.spec.num_experts,), -1 if self._gemv_sized(x_TD) else self.pool.num_slots,
-                           dtype=torch.int64, device=x_TD.device),
-                torch.empty(routing.topk_ids_TK.numel() + 1, x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device))
-        slots_E, out_A1D = self._round_buffers[tokens]
+        slots_E, out_A1D = self._shared_buffers(x_TD, routing)
         graph = _captured(lambda: self._compute_round(x_TD, routing, slots_E, out_A1D), pool)
         return CapturedRound(graph, slots_E, out_A1D)
+
+    def _shared_buffers(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """The round table and the [A + 1, D] output that the captured graphs of this step size share."""
+        tokens = x_TD.shape[0]
+        if tokens not in self._round_buffers:
+            self._round_buffers[tokens] = (
+                torch.full((self.spec.num_experts,), self.pool.num_slots, dtype=torch.int64, device=x_TD.device),
+                torch.empty(routing.topk_ids_TK.numel() + 1, x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device))
+        return self._round_buffers[tokens]
 
     def _round_slots(self, layer: int, experts: list[int], x_TD: torch.Tensor, into: torch.Tensor | None = None
                      ) -> torch.Tensor:
@@ -537,15 +539,3 @@ class CapturedRound:
     graph: torch.cuda.CUDAGraph
     slots_E: torch.Tensor
     out_A1D: torch.Tensor
-
-
-@dataclass(frozen=True)
-class CapturedStep:
-    """A GEMV-sized step captured for one decode bucket and layer (capture_compute): `whole` computes every
-    assignment through the layer's slot table into the step's output; `early` is a round over its own table;
-    `last` computes the rows that table maps into early.out_A1D, then the k-weighted sum of all rows into
-    the step's output (run's split at the last copy: early for the experts whose copies completed, last for
-    the last copy's)."""
-    whole: torch.cuda.CUDAGraph
-    early: CapturedRound
-    last: torch.cuda.CUDAGraph

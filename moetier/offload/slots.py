@@ -45,6 +45,15 @@ class SlotPool:
         self.host_tables[expert.layer][expert.expert] = -1
         self._dirty.add(expert.layer)
 
+    def device_table_of(self, layer: int, experts: list[int]) -> None:
+        """Uploads into the layer's device table the slots of `experts` alone (-1 for the others), for a
+        replay that computes those; the next device_table() call uploads the whole table again."""
+        row_E, upload = self._uploads.next_row()
+        row_E.fill(-1)
+        row_E[experts] = self.host_tables[layer][experts]
+        upload(self.tables[layer])
+        self._dirty.add(layer)
+
     def device_table(self, layer: int) -> torch.Tensor:
         """The layer's expert -> slot table (int64 [E], -1 when absent) on the device, up to date."""
         if layer in self._dirty:

@@ -30,15 +30,22 @@ def is_expert_copy(event: dict) -> bool:
             and event.get("args", {}).get("bytes", 0) >= EXPERT_COPY_MIN_BYTES)
 
 
+def expert_copies(events: list[dict]) -> list[dict]:
+    return sorted((e for e in events if is_expert_copy(e)), key=lambda e: e["ts"])
+
+
+def copy_gaps(copies: list[dict]) -> list[tuple[float, float]]:
+    """(end of one expert copy, start of the next) wherever the copy engine idled at least GAP_MIN_US."""
+    gaps = ((before["ts"] + before["dur"], after["ts"]) for before, after in itertools.pairwise(copies))
+    return [(end, start) for end, start in gaps if start - end >= GAP_MIN_US]
+
+
 def tail_by_op(events: list[dict]) -> dict:
-    copies = sorted((e for e in events if is_expert_copy(e)), key=lambda e: e["ts"])
+    copies = expert_copies(events)
     gpu_ops = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and not is_expert_copy(e)),
                      key=lambda e: e["ts"])
     by_name, gap_list, idle_us, to_next_copy_us = {}, [], 0.0, 0.0
-    for before, after in itertools.pairwise(copies):
-        end, start = before["ts"] + before["dur"], after["ts"]
-        if start - end < GAP_MIN_US:
-            continue
+    for end, start in copy_gaps(copies):
         gap_list.append(start - end)
         clock = end
         for op in (op for op in gpu_ops if end <= op["ts"] < start):
@@ -63,12 +70,9 @@ def gap_timelines(events: list[dict], count: int) -> list[list]:
     """`count` gaps around the median length, each as [gap us, then (start us from the gap's start, duration
     us, name) of every GPU op and CUDA runtime call in it, in start order]: which kernel or host call the
     copy engine waits for."""
-    copies = sorted((e for e in events if is_expert_copy(e)), key=lambda e: e["ts"])
     timed = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset", "cuda_runtime")
                     and not is_expert_copy(e) and "dur" in e), key=lambda e: e["ts"])
-    gaps = sorted(((after["ts"] - before["ts"] - before["dur"], before["ts"] + before["dur"], after["ts"])
-                   for before, after in itertools.pairwise(copies)
-                   if after["ts"] - before["ts"] - before["dur"] >= GAP_MIN_US), key=lambda g: g[0])
+    gaps = sorted(((start - end, end, start) for end, start in copy_gaps(expert_copies(events))), key=lambda g: g[0])
     middle = len(gaps) // 2
     picked = gaps[max(0, middle - count // 2): middle - count // 2 + count]
     return [[round(length)] + [(round(e["ts"] - end, 1), round(e["dur"], 1), e["name"][:48])

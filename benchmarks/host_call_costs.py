@@ -1,7 +1,7 @@
 """Host microseconds per call of what the copy path calls, each timed over 2000 calls: torch's copy_ of a
 pinned slice, a new event recorded (plain and timing), an event recorded again, a stream wait, entering
 and leaving a stream context, looking up the current stream, and cudaMemcpyAsync through ctypes (the
-runtime library torch loaded). One JSON object.
+runtime library torch loaded), also one call at a time on an idle stream by size. One JSON object.
 
     python benchmarks/host_call_costs.py
 """
@@ -50,7 +50,54 @@ def main() -> None:
     }
     if memcpy is not None:
         costs["ctypes_memcpy"] = per_call_us(lambda: memcpy(dst.data_ptr(), src.data_ptr(), 4096, stream.cuda_stream))
+        costs["ctypes_memcpy_after_sync"] = memcpy_after_sync_us(memcpy, stream, device)
+        costs["expert_memcpy_after_sync"] = expert_memcpy_after_sync_us(memcpy, stream, device)
     print(json.dumps(costs))
+
+
+def memcpy_after_sync_us(memcpy, stream: torch.cuda.Stream, device: torch.device) -> dict[str, float]:
+    """Median host us of one cudaMemcpyAsync issued on an idle copy stream (as a layer's first expert copy
+    is), by size: whether the call's cost grows with the bytes it moves."""
+    src = torch.empty(64 << 20, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(64 << 20, dtype=torch.uint8, device=device)
+    costs = {}
+    for size in (4 << 10, 256 << 10, 1 << 20, 4 << 20, 9437184, 16 << 20, 64 << 20):
+        times = []
+        for _ in range(200):
+            stream.synchronize()
+            start = time.perf_counter()
+            memcpy(dst.data_ptr(), src.data_ptr(), size, stream.cuda_stream)
+            times.append(time.perf_counter() - start)
+        costs[str(size)] = round(sorted(times)[len(times) // 2] * 1e6, 2)
+    return costs
+
+
+def expert_memcpy_after_sync_us(memcpy, stream: torch.cuda.Stream, device: torch.device,
+                                arena_gib: int = 32) -> dict[str, float]:
+    """Median host us of a layer's first expert copy (9 MiB) on an idle copy stream: alone, after a
+    stream wait on a completed compute-stream event (the slot's last reader), and the same with the
+    source in a pinned arena of arena_gib GiB in 256 MiB chunks (as a large model's host store is)."""
+    size = 9437184
+    dst = torch.empty(size, dtype=torch.uint8, device=device)
+    small = torch.empty(size, dtype=torch.uint8).pin_memory()
+    chunks = [torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True) for _ in range(arena_gib * 4)]
+    reader = torch.cuda.Event()
+    compute = torch.cuda.current_stream(device)
+
+    def median_us(src: torch.Tensor, wait: bool) -> float:
+        times = []
+        for _ in range(200):
+            reader.record(compute)
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            if wait:
+                stream.wait_event(reader)
+            memcpy(dst.data_ptr(), src.data_ptr(), size, stream.cuda_stream)
+            times.append(time.perf_counter() - start)
+        return round(sorted(times)[len(times) // 2] * 1e6, 2)
+
+    return {"alone": median_us(small, False), "after_wait": median_us(small, True),
+            "arena": median_us(chunks[-1][:size], False), "arena_after_wait": median_us(chunks[-1][:size], True)}
 
 
 if __name__ == "__main__":

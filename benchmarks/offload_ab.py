@@ -14,6 +14,8 @@ machine effect), in alternating rounds of timed decode steps (or prefills). One 
         off, only behind steps that fit in one pass (the executor before e484dd9).
     --toggle split: a captured GEMV-sized step with at least executor.SPLIT_MIN_LOADS loads computes its
         other experts while its last copy streams in, then that one's; off, all of them after the last copy.
+    --toggle mailbox: a graphed step's routing (and guess) polled from the pinned memory its graph writes
+        (kernels/routing_mailbox.py); off, copied to the host after the graph and read after a stream sync.
 
     python benchmarks/offload_ab.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB --toggle spare \
         [--routing synthetic:uniform] [--batch 1] [--rounds 3] [--steps 16] [--max-model-len 577] [--prefill 512]
@@ -101,8 +103,19 @@ def split_switch(engine: Engine):
     return switch
 
 
+def mailbox_switch(engine: Engine):
+    graphs = engine.runner.graphs
+    published = {size: [call.published for call in calls] for size, calls in graphs.calls.items()}
+
+    def switch(on: bool) -> None:
+        for size, calls in graphs.calls.items():
+            for call, box in zip(calls, published[size]):
+                call.published = box if on else None
+    return switch
+
+
 SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy_switch, "ahead": ahead_switch,
-            "round-guess": round_guess_switch, "split": split_switch}
+            "round-guess": round_guess_switch, "split": split_switch, "mailbox": mailbox_switch}
 
 
 def alternate(args: argparse.Namespace, engine: Engine, switch, step, tokens: int, h2d_gbps: float,

@@ -269,13 +269,18 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
     # its experts are resident, or split at its last copy (the run returns None); 3 sequences in the
     # bucket of 4 compute eagerly
     # A full grouped bucket (8 sequences) replays its layers' captured round graphs, one per round.
-    executor, replayed, rounds_captured, splits = offloaded.engine.executor, [], [], []
+    # Every expert call of the graphs reads its routing (and the guess) from the mailbox its graph writes.
+    graphed_calls = [call for calls in offloaded.engine.runner.graphs.calls.values() for call in calls]
+    assert all(call.published is not None and (call.published.guess is None) == (call.guess_TK is None)
+               for call in graphed_calls)
+    executor, replayed, rounds_captured, splits, published_calls = offloaded.engine.executor, [], [], [], []
     run, split = executor.run, executor._split_at_last_copy
 
-    def recording_run(layer, x_TD, routing, guess_TK=None, compute=None):
-        y_TD = run(layer, x_TD, routing, guess_TK, compute)
+    def recording_run(layer, x_TD, routing, guess_TK=None, compute=None, published=None):
+        y_TD = run(layer, x_TD, routing, guess_TK, compute, published)
         replayed.append(y_TD is None)
         rounds_captured.append(isinstance(compute, CapturedRound))
+        published_calls.append(published is not None)
         return y_TD
 
     monkeypatch.setattr(executor, "run", recording_run)
@@ -283,7 +288,7 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
     for group in ([prompts[1]], prompts[:3], prompts[2:6], prompts + [[33, 34], list(range(60, 75))]):
         ours, theirs = offloaded.generate(group, params), resident.generate(group, params)
         assert [(o.token_ids, o.logprobs) for o in ours] == [(o.token_ids, o.logprobs) for o in theirs]
-    assert any(rounds_captured)
+    assert any(rounds_captured) and any(published_calls)
     if slots == 1 or slots >= 12:  # one slot never holds a step's two experts; 12 hold most layers' steps
         # split at the last copy where steps still copy (24 slots hold every expert after the first run)
         assert any(replayed) == (slots >= 12) and bool(splits) == (slots == 12)
@@ -296,6 +301,32 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
     elif slots >= 12:  # guesses are made where a step fits in one round (about 0.9 right on CPU), and used;
         # with 6 slots (2 a layer: the layer-aware policy borrows no more) every step runs in rounds
         assert stats["prefetch_used"] > 0 and stats["prediction_precision"] > 0.5 and stats["expert_copy_s"] > 0
+
+
+def test_routing_mailbox_publishes_from_a_graph(monkeypatch):
+    """A graph's publish kernels write their ids into pinned host memory: each armed replay's ids (padding
+    rows ignored), int64 ids below 2**31 intact; a region no launched kernel writes raises once the GPU idles."""
+    from moetier.kernels import routing_mailbox
+
+    mailbox = routing_mailbox.RoutingMailbox(4 * 8 + 16, torch.device("cuda"))
+    ids_TK = torch.zeros(4, 8, dtype=torch.int64, device="cuda")
+    guess_TK = torch.zeros(4, 8, dtype=torch.int64, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        routing, guess = mailbox.publish(ids_TK), mailbox.publish(guess_TK[:, :4].contiguous())
+    for _ in range(3):
+        ids_TK.copy_(torch.randint(0, 2**31 - 1, (4, 8)))
+        guess_TK.copy_(torch.randint(0, 128, (4, 8)))
+        mailbox.arm()
+        graph.replay()
+        assert mailbox.read(routing, 3 * 8).tolist() == ids_TK[:3].flatten().tolist()
+        assert mailbox.read(guess, 16).tolist() == guess_TK[:, :4].flatten().tolist()
+    with pytest.raises(ValueError, match="holds"):
+        mailbox.publish(ids_TK)
+    monkeypatch.setattr(routing_mailbox, "IDLE_CHECK_S", 0.01)
+    mailbox.arm()
+    with pytest.raises(RuntimeError, match="never published"):
+        mailbox.read(routing, 8)
 
 
 def test_next_gate_guess_is_the_next_routers_top_k_on_cuda():

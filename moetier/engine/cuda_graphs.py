@@ -10,7 +10,9 @@ PiecewiseDecodeGraphs captures each bucket's step as one graph per stretch betwe
 offloaded executor each stretch also ends with its predictor's guess for the next MoE layer, and each
 expert call gets graphs of its own that the executor replays (OffloadedExecutor.capture_compute): at
 GEMV sizes the whole call, once the step's experts are resident; at grouped sizes one round, replayed
-for each round of the step. What stays eager is the routing read, the slot planning and the copies.
+for each round of the step. Each stretch writes its routing (and guess) into pinned host memory, where
+the executor polls for it (kernels/routing_mailbox.py). What stays eager is the routing read, the slot
+planning and the copies.
 """
 
 import torch
@@ -18,10 +20,12 @@ import torch
 from moetier.engine.batch import DecodeMeta, ForwardBatch
 from moetier.engine.kv_cache import KVCache
 from moetier.engine.scheduler import ScheduledSeq
+from moetier.kernels import routing_mailbox
+from moetier.kernels.routing_mailbox import RoutingMailbox
 from moetier.models.transformer import CausalLM
 from moetier.moe.layer import MoELayer
 from moetier.moe.router import Routing
-from moetier.offload.executor import CapturedRound, OffloadedExecutor
+from moetier.offload.executor import CapturedRound, OffloadedExecutor, PublishedRouting
 
 _BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # A step's graph is captured in this many pieces of consecutive layers, launched back to back: the
@@ -144,24 +148,28 @@ class DecodeGraphs:
 class _ExpertCall:
     """One expert call of a captured step: its inputs (outputs of the graph before it), the static
     buffer the next graph reads its result from, and for the offloaded executor the predictor's guess
-    (enqueued by the graph before) and what capture_compute captured of the call's expert compute."""
+    (enqueued by the graph before), where that graph publishes the routing and the guess on the host,
+    and what capture_compute captured of the call's expert compute."""
 
     def __init__(self, layer: int, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor,
-                 guess_TK: torch.Tensor | None):
+                 guess_TK: torch.Tensor | None, published: PublishedRouting | None):
         self.layer, self.x_TD, self.routing, self.y_TD, self.guess_TK = layer, x_TD, routing, y_TD, guess_TK
+        self.published = published
         self.compute: torch.cuda.CUDAGraph | CapturedRound | None = None
 
 
 class _GraphBreaks:
-    """Stands in for the expert executor while a step is captured: at each expert call it enqueues the
-    predictor's guess (if any), ends the graph being captured, starts the next one, and hands back an
-    (uninitialised) static output."""
+    """Stands in for the expert executor while a step is captured: at each expert call it publishes the
+    routing to the host (with a mailbox), enqueues the predictor's guess (if any) and publishes it too,
+    ends the graph being captured, starts the next one, and hands back an (uninitialised) static output.
+    The routing is published before the predictor runs: the host plans and copies while it does."""
 
     sync_free = True
 
-    def __init__(self, pool, predictor):
+    def __init__(self, pool, predictor, mailbox: RoutingMailbox | None):
         self.pool = pool
         self.predictor = predictor
+        self.mailbox = mailbox
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.calls: list[_ExpertCall] = []
 
@@ -171,11 +179,16 @@ class _GraphBreaks:
         self.graphs.append(graph)
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        routing_region = None if self.mailbox is None else self.mailbox.publish(routing.topk_ids_TK)
         guess_TK = None if self.predictor is None else self.predictor.predict(layer, x_TD)
+        published = None
+        if routing_region is not None:
+            guess_region = None if guess_TK is None else self.mailbox.publish(guess_TK)
+            published = PublishedRouting(self.mailbox, routing_region, guess_region)
         self.graphs[-1].capture_end()
         self.begin()
         y_TD = torch.empty_like(x_TD)  # no kernel: the replay fills it before the next graph runs
-        self.calls.append(_ExpertCall(layer, x_TD, routing, y_TD, guess_TK))
+        self.calls.append(_ExpertCall(layer, x_TD, routing, y_TD, guess_TK, published))
         return y_TD
 
 
@@ -187,6 +200,7 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
         self.executor = self.model.executor
         self.offloaded = isinstance(self.executor, OffloadedExecutor)
         self.calls: dict[int, list[_ExpertCall]] = {}  # self.graphs[size]: the pieces, in order
+        self.mailboxes: dict[int, RoutingMailbox] = {}  # where each size's pieces publish their routing
         pool = torch.cuda.graph_pool_handle()
         # The expert-compute graphs replay between the pieces, not in capture order: in the pieces' pool
         # their temporaries would reuse blocks that a piece freed but the next piece still reads
@@ -200,7 +214,8 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
             with torch.cuda.stream(stream):
                 self.model(batch, self.kv_cache.layers)  # warm-up with the real executor
                 torch.cuda.synchronize(device)
-                breaks = _GraphBreaks(pool, self.executor.predictor if self.offloaded else None)
+                mailbox = self._mailbox(size, len(moe_layers), device)
+                breaks = _GraphBreaks(pool, self.executor.predictor if self.offloaded else None, mailbox)
                 for layer in moe_layers:
                     layer.executor = breaks
                 try:
@@ -217,10 +232,21 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
                                                                          call.y_TD, compute_pool)
             torch.cuda.current_stream(device).wait_stream(stream)
             self.graphs[size], self.calls[size] = breaks.graphs, breaks.calls
+            if mailbox is not None:
+                self.mailboxes[size] = mailbox
+
+    def _mailbox(self, size: int, moe_layers: int, device: torch.device) -> RoutingMailbox | None:
+        """Room for each MoE layer's routing and guess at this size, for the offloaded executor (which reads
+        them on the host) where Triton writes them."""
+        if not self.offloaded or routing_mailbox.triton is None:
+            return None
+        return RoutingMailbox(2 * moe_layers * size * self.executor.spec.top_k, device)
 
     @torch.inference_mode()  # the pieces' outputs are inference tensors; the executor writes them
     def _replay(self, size: int, n: int) -> torch.Tensor:
         pieces, calls = self.graphs[size], self.calls[size]
+        if size in self.mailboxes:
+            self.mailboxes[size].arm()  # before the launches that publish into it
         pieces[0].replay()
         for call, graph in zip(calls, pieces[1:]):
             y_TD = self._run_experts(call, n, size)
@@ -238,4 +264,5 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
         if not self.offloaded:
             return self.executor.run(call.layer, call.x_TD[:n], routing)
         guess_TK = None if call.guess_TK is None else call.guess_TK[:n]
-        return self.executor.run(call.layer, call.x_TD[:n], routing, guess_TK, call.compute if n == size else None)
+        return self.executor.run(call.layer, call.x_TD[:n], routing, guess_TK, call.compute if n == size else None,
+                                 call.published)

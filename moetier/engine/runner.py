@@ -5,6 +5,10 @@ whole steps when the expert executor needs no host sync, else the pieces between
 everything else (prefill chunks, mixed steps, CPU) runs the model eagerly.
 """
 
+import contextlib
+import gc
+from collections.abc import Iterator
+
 import torch
 
 from moetier.engine.batch import DecodeMeta, ForwardBatch, SeqSlice
@@ -64,7 +68,8 @@ class Runner:
 
     def _capture_graphs(self) -> DecodeGraphs:
         graphs = DecodeGraphs if self.model.executor.sync_free else PiecewiseDecodeGraphs
-        return graphs(self.model, self.kv_cache, *self._graph_args)
+        with _collector_paused():
+            return graphs(self.model, self.kv_cache, *self._graph_args)
 
     def prepare(self, scheduled: list[ScheduledSeq], all_logits: bool = False) -> ForwardBatch:
         block_size = self.kv_cache.block_size
@@ -109,3 +114,18 @@ class Runner:
         if self.recorder is not None:
             self.recorder.end_step(scheduled)
         return logits
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while graphs are captured (after one collection): objects it would free
+    meanwhile, such as an old engine's CUDA events, call CUDA functions that a capture forbids, and the
+    capture fails (seen on the device H100 with several offloaded engines made in one process)."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -65,6 +65,7 @@ class CopyEngine(Protocol):
 
 
 _NOTHING_WAITED = object()  # a batch has started copying but waited for no reader yet
+_NO_SETUP = contextlib.nullcontext()
 _HOST_TO_DEVICE = 1  # cudaMemcpyKind
 
 
@@ -99,13 +100,17 @@ class CudaCopyEngine:
         self.stream = torch.cuda.Stream(device)
         self.memcpy = runtime_memcpy()  # None: torch's copy_ on the copy stream made current
         self._stalls: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
-        self._batch: contextlib.ExitStack | None = None  # while issuing: holds the copy stream once made current
-        self._waited: Event | None = None  # the reader event the stream last waited for, while issuing
+        self._batch: contextlib.ExitStack | None = None  # while issuing through torch: holds the copy stream once current
+        self._waited: Event | None = None  # the reader event the stream last waited for
+
+    def issuing(self) -> ContextManager[None]:
+        """A batch of copies: copies through torch make the copy stream current at the first and keep it
+        so until the batch ends (switching streams per copy cost more host time than the copy's launch).
+        Copies through the runtime name their stream: nothing to set up."""
+        return _NO_SETUP if self.memcpy is not None else self._torch_batch()
 
     @contextlib.contextmanager
-    def issuing(self) -> Iterator[None]:
-        """A batch of copies: copies through torch make the copy stream current at the first and keep it
-        so until the batch ends (switching streams per copy cost more host time than the copy's launch)."""
+    def _torch_batch(self) -> Iterator[None]:
         if self._batch is not None:
             yield
             return
@@ -117,22 +122,33 @@ class CudaCopyEngine:
             batch.close()
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event:
+        if self.memcpy is None:
+            return self._copy_through_torch(dst, src, after)
+        # A reader that completed needs no wait: after the routing read, every one recorded before it (a
+        # stream wait cost ~6 us of host time before a layer's first copy, and its launch ~2 us more).
+        if after is not None and after is not self._waited and not after.query():
+            self.stream.wait_event(after)
+            self._waited = after  # the stream keeps its order: a later copy after the same reader need not wait
+        # both contiguous bytes; the source pinned and kept by the store until the copy completed
+        if dst.nbytes != src.nbytes:
+            raise ValueError(f"copy of {src.nbytes} bytes into {dst.nbytes}")
+        self.memcpy(dst.data_ptr(), src.data_ptr(), dst.nbytes, self.stream.cuda_stream)
+        return self._copied()
+
+    def _copy_through_torch(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event:
         if self._batch is None:
             with self.issuing():
-                return self.copy(dst, src, after)
+                return self._copy_through_torch(dst, src, after)
         if self._waited is None:  # the batch's first copy
-            if self.memcpy is None:
-                self._batch.enter_context(torch.cuda.stream(self.stream))
+            self._batch.enter_context(torch.cuda.stream(self.stream))
             self._waited = _NOTHING_WAITED
         if after is not None and after is not self._waited:  # slots read by one round share their reader
             self.stream.wait_event(after)
             self._waited = after
-        if self.memcpy is None:
-            dst.copy_(src, non_blocking=True)
-        else:  # both contiguous bytes; the source pinned and kept by the store until the copy completed
-            if dst.nbytes != src.nbytes:
-                raise ValueError(f"copy of {src.nbytes} bytes into {dst.nbytes}")
-            self.memcpy(dst.data_ptr(), src.data_ptr(), dst.nbytes, self.stream.cuda_stream)
+        dst.copy_(src, non_blocking=True)
+        return self._copied()
+
+    def _copied(self) -> Event:
         done = torch.cuda.Event(enable_timing=True)  # a layer's first copy starts its copies' timing (prefetch.py)
         done.record(self.stream)
         return done

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moetier.kernels.routing_mailbox import Region, RoutingMailbox
 from moetier.models.spec import ModelSpec
 from moetier.moe.dispatch import combine, dispatch, dispatch_round, weighted_k_sum
 from moetier.moe.executor import expert_kernels
@@ -123,19 +124,26 @@ class OffloadedExecutor:
         return self.store
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing, guess_TK: torch.Tensor | None = None,
-            compute: "torch.cuda.CUDAGraph | CapturedRound | None" = None) -> torch.Tensor | None:
+            compute: "torch.cuda.CUDAGraph | CapturedRound | None" = None, published: "PublishedRouting | None" = None
+            ) -> torch.Tensor | None:
         """The routed experts' output for the step, or None when `compute` wrote it. From piecewise decode
-        graphs: `guess_TK`, the predictor's guess that the graph before already enqueued, and `compute`,
+        graphs: `guess_TK`, the predictor's guess that the graph before already enqueued, `compute`,
         what capture_compute() captured for these very tensors: at GEMV sizes a graph of the whole step,
         replayed when its experts all fit (twice when split at its last copy); else a graph of one round,
-        replayed for every round."""
+        replayed for every round; and `published`, where that graph writes the routing and the guess on
+        the host."""
         captured = compute if isinstance(compute, CapturedRound) else None
         if not self._predicting():
             guess_TK = None
         elif guess_TK is None:
             guess_TK = self.predictor.predict(layer, x_TD)
+            if guess_TK is not None:
+                published = None  # an eager guess: it comes over with the routing
         started = time.perf_counter()
-        needed, guess_host = self._read_routing(routing.topk_ids_TK, guess_TK)  # the one host sync of the layer
+        if published is None:
+            needed, guess_host = self._read_routing(routing.topk_ids_TK, guess_TK)  # the one host sync of the layer
+        else:  # the layer's one wait for the GPU; the guess, published after the routing, is read once needed
+            needed, guess_host = _distinct(published.mailbox.read(published.routing, routing.topk_ids_TK.numel())), None
         self.routing_sync_s += time.perf_counter() - started
         # The first misses copy into the spare slots before the rest of the host work (planner.py).
         claimed = self.planner.claim_free(layer, needed)
@@ -180,6 +188,8 @@ class OffloadedExecutor:
         for _, evicted in self.planner.end_step({ExpertId(layer, e) for e in needed}):
             self.pool.release(evicted)
             self.prefetched.discard(evicted)
+        if guess_TK is not None and published is not None:
+            guess_host = published.guess_on_host(*guess_TK.shape)
         # Behind the compute, which need not wait for it; never into the slots of experts it may still be
         # reading (in rounds, the last round's: the others computed while its copies ran).
         self._prefetch_next(layer, needed, _first_seen(guess_host), needed if fits else unread, window=fits)
@@ -530,6 +540,19 @@ def _captured(work: Callable[[], object], pool) -> torch.cuda.CUDAGraph:
     work()
     graph.capture_end()
     return graph
+
+
+@dataclass(frozen=True)
+class PublishedRouting:
+    """Where a captured decode step's graph writes one MoE layer's routing ids ([T, K] row-major) and the
+    predictor's guess for the next layer (if any) on the host."""
+    mailbox: RoutingMailbox
+    routing: Region
+    guess: Region | None
+
+    def guess_on_host(self, tokens: int, top_k: int) -> np.ndarray:
+        """The guess of the first `tokens` rows, k-major (every token's first choice first)."""
+        return self.mailbox.read(self.guess, tokens * top_k).reshape(tokens, top_k).T.ravel()
 
 
 @dataclass(frozen=True)

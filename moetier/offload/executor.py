@@ -4,13 +4,14 @@ so its outputs are bitwise identical.
 
 Legend: T tokens, K experts per token, A = T*K assignments, D hidden, E experts, S slots.
 
-Per MoE layer: one host sync reads the experts the step needs; the first misses start copying into
-the planner's spare slots at once, before any other host work (planner.py); hits use their slots;
-each other miss takes a free slot or the policy's victim (never an expert this layer needs), the
-copy into it starts after the slot's last reader, and compute waits for the copies on the device.
-After the step the planner frees spare slots again for the next layer. Overlap:
-with more tokens than the decode GEMV takes, the hits compute first while the misses stream in;
-when a layer needed nearly every expert (a long prompt under spread routing), the next MoE
+Per MoE layer: one wait for the GPU reads the experts the step needs (in graphed decode a poll of the
+pinned memory the step's graph writes them into, kernels/routing_mailbox.py; else a copy and a stream
+sync); the first misses start copying into the planner's spare slots at once, before any other host
+work (planner.py); hits use their slots; each other miss takes a free slot or the policy's victim
+(never an expert this layer needs), the copy into it starts after the slot's last reader, and compute
+waits for the copies on the device. After the step the planner frees spare slots again for the next
+layer. Overlap: with more tokens than the decode GEMV takes, the hits compute first while the misses
+stream in; when a layer needed nearly every expert (a long prompt under spread routing), the next MoE
 layer's experts start copying behind its own into slots this layer does not need. If the layer
 needs more experts than there are slots (or the policy declines to evict), it runs in rounds, each
 planned and copying while the one before waits for its copies (planner.py: two sets of slots). Rounds
@@ -18,11 +19,11 @@ write their assignment rows into one [A + 1, D] buffer (a dump row last) and one
 follows, the same sum the resident combine ends with; they pick their rows on the device, so the
 layer's only host sync stays the routing read (but for the looped fallback kernel, which reads its
 offsets on the host anyway). In full decode buckets each round replays a captured graph.
-Otherwise a predictor (offload/predict.py) guesses the next MoE layer's experts, its guess read in
-the same sync as the routing, and those not resident start copying behind this layer's misses, so
-the copy engine keeps working through the next layer's attention, router and routing read; the
-guesses are scored against what that layer then needs, and prefetching pauses while fewer than
-half were right.
+Otherwise a predictor (offload/predict.py) guesses the next MoE layer's experts, its guess read with
+the routing (graphed, published after it and read once this layer's copies are issued), and those not
+resident start copying behind this layer's misses, so the copy engine keeps working through the next
+layer's attention, router and routing read; the guesses are scored against what that layer then
+needs, and prefetching pauses while fewer than half were right.
 """
 
 import time

@@ -2,8 +2,9 @@
 copies can fill the time the copy engine would otherwise idle (the attention, the router and the
 routing read of that layer).
 
-A predictor only enqueues device work; the executor brings its guess to the host in the same copy
-and sync as the current layer's routing, so a prediction costs no extra host sync. Predictions
+A predictor only enqueues device work; the executor brings its guess to the host with the current
+layer's routing (in one copy and sync, or, in graphed decode, from the pinned memory the graph writes it
+into after the routing), so a prediction costs no extra host sync. Predictions
 move experts between tiers ahead of time and never change a computed value.
 
 NextGatePredictor applies the next MoE layer's router weights to the current layer's input and

@@ -20,7 +20,6 @@ from offload_probe import add_arguments, load
 
 from moetier import SamplingParams
 from moetier.kernels.routing_mailbox import RoutingMailbox
-from moetier.offload import executor as executor_module
 
 PROMPT, MAX_MODEL_LEN = 512, 577  # as `moetier bench --prompt-len 512 --output-len 64` sizes its KV cache
 
@@ -84,7 +83,6 @@ def main() -> None:
 
     RoutingMailbox.read = timed_mailbox_read
     hook(executor, "_read_routing", returned="read")
-    hook(executor_module, "_distinct", returned="read")
     hook(executor.planner, "claim_free", returned="claim")
     hook(executor.store, "copy_in", entered="copy_in")
     hook(executor.copy_engine.stream, "wait_event", returned="waited")

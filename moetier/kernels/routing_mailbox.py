@@ -50,13 +50,13 @@ class RoutingMailbox:
         self.entries = self.host.numpy()
         self.device = device
         self._used = 0
-        for dtype in (torch.int64, torch.int32):  # compiled now, outside any capture
-            _publish_kernel[(1,)](torch.zeros(1, dtype=dtype, device=device), self.host, 1, BLOCK=PUBLISH_BLOCK)
+        # compiled now, outside any capture, for the int64 ids routers and predictors give
+        _publish_kernel[(1,)](torch.zeros(1, dtype=torch.int64, device=device), self.host, 1, BLOCK=PUBLISH_BLOCK)
         torch.cuda.synchronize(device)
         self.arm()
 
     def publish(self, ids: torch.Tensor) -> Region:
-        """Enqueues the kernel that writes `ids` (contiguous, integers below 2**31) into a new region."""
+        """Enqueues the kernel that writes `ids` (contiguous int64, each below 2**31) into a new region."""
         count = ids.numel()
         if self._used + count > self.entries.size:
             raise ValueError(f"the mailbox holds {self.entries.size} ids; {self._used} are taken, {count} more asked")

@@ -141,10 +141,7 @@ class OffloadedExecutor:
             if guess_TK is not None:
                 published = None  # an eager guess: it comes over with the routing
         started = time.perf_counter()
-        if published is None:
-            needed, guess_host = self._read_routing(routing.topk_ids_TK, guess_TK)  # the one host sync of the layer
-        else:  # the layer's one wait for the GPU; the guess, published after the routing, is read once needed
-            needed, guess_host = _distinct(published.mailbox.read(published.routing, routing.topk_ids_TK.numel())), None
+        needed, guess_host = self._read_routing(routing.topk_ids_TK, guess_TK, published)  # the layer's one wait
         self.routing_sync_s += time.perf_counter() - started
         # The first misses copy into the spare slots before the rest of the host work (planner.py).
         claimed = self.planner.claim_free(layer, needed)
@@ -262,11 +259,15 @@ class OffloadedExecutor:
         done = set(hits + loads)
         return [e for e in remaining if e not in done]
 
-    def _read_routing(self, topk_ids_TK: torch.Tensor, guess_TK: torch.Tensor | None
-                      ) -> tuple[list[int], np.ndarray | None]:
+    def _read_routing(self, topk_ids_TK: torch.Tensor, guess_TK: torch.Tensor | None,
+                      published: "PublishedRouting | None") -> tuple[list[int], np.ndarray | None]:
         """The distinct experts of the step, ascending, and the guess for the next layer on the host
-        (k-major), if any. On CUDA both come over in small copies to pinned memory and one stream sync
-        (a device unique would sort and sync twice)."""
+        (k-major), if any. Published by a graph, the routing is polled from pinned memory, and the guess,
+        published after it, is left for later (PublishedRouting.guess_on_host). Else, on CUDA, both come
+        over in small copies to pinned memory and one stream sync (a device unique would sort and sync
+        twice)."""
+        if published is not None:
+            return _distinct(published.mailbox.read(published.routing, topk_ids_TK.numel())), None
         # k-major: every token's first choice, then every second choice, ...
         parts = [topk_ids_TK.reshape(-1)] + ([] if guess_TK is None else [guess_TK.t().reshape(-1)])
         if not topk_ids_TK.is_cuda:

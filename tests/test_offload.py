@@ -305,7 +305,7 @@ def test_needed_experts_are_never_evicted(slots, policy, steps):
             assert round_experts, "every round makes progress"
             assert resident_hits <= set(round_experts)  # hits are never evicted to make room
             if prefetch and len(round_experts) == len(remaining):
-                executor._prefetch_after(layer, round_experts, round_experts)
+                executor._prefetch_after(layer, 512, round_experts, round_experts)
             held = [executor.planner.slot_of.get(ExpertId(layer, e)) for e in round_experts]
             assert None not in held and len(set(held)) == len(held)
             executor._wait_for_copies(layer, round_experts)
@@ -318,14 +318,19 @@ def test_needed_experts_are_never_evicted(slots, policy, steps):
 
 
 def test_next_layer_is_prefetched_only_after_spread_routing():
-    spec = _spec()  # 8 experts per layer
+    """Whole only after a step that needed at least 7 of 8 experts and was wide enough for the next to need
+    them all (8 tokens of top-2 leave 8 * 0.75 ** 8 = 0.8 experts unused on average; 10 leave 0.45)."""
+    spec = _spec()  # 8 experts per layer, top-2
     executor = OffloadedExecutor(spec, torch.float32, "cpu", 24, "layer", DelayedCopyEngine())
     first, second = spec.moe_layer_ids[:2]
     executor._plan_and_copy(first, [0, 1, 2, 3, 4, 5])
-    executor._prefetch_after(first, [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5])  # 6 of 8: concentrated, nothing ahead
+    executor._prefetch_after(first, 512, [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5])  # 6 of 8: concentrated
     assert executor.prefetch_loads == 0
     executor._plan_and_copy(first, [6])
-    executor._prefetch_after(first, [0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6])  # 7 of 8: the next layer comes whole
+    every_but_one = [0, 1, 2, 3, 4, 5, 6]
+    assert not executor._prefetch_after(first, 8, every_but_one, every_but_one)  # batch-8 decode: too narrow
+    assert executor.prefetch_loads == 0
+    executor._prefetch_after(first, 10, every_but_one, every_but_one)  # 7 of 8: the next layer comes whole
     assert executor.prefetch_loads == 8 and all(ExpertId(second, e) in executor.planner.slot_of for e in range(8))
     hits, loads = executor._plan_and_copy(second, [2, 5])
     assert (hits, loads) == ([2, 5], []) and executor.stats()["misses"] == 7 + 2  # prefetched: counted as misses

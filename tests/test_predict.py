@@ -7,6 +7,7 @@ from checkpoints import FAMILY_CONFIGS, make_checkpoint
 
 from moetier import LLM, SamplingParams
 from moetier.models.registry import family_for
+from moetier.moe.experts import ExpertId
 from moetier.moe.router import Routing
 from moetier.offload import executor as executor_module
 from moetier.offload.copy_engine import CpuEvent, DelayedCopyEngine
@@ -24,20 +25,21 @@ def _outputs(llm: LLM) -> tuple[list[torch.Tensor], list[list[int]]]:
     return logits, [out.token_ids for out in outs]
 
 
-# 3 MoE layers of 8 experts, top-2. Only a layer step that fits in one round prefetches, and the
-# layer-aware policy lets a layer borrow slots only up to top_k: with 2 slots a layer (6 in all)
-# every step of these prompts runs in rounds and nothing is prefetched. From about 3 a layer (9)
-# narrow steps fit and prefetch; the pools are still tiny: most steps run in rounds, and
-# prefetches evict experts that later rounds and layers need.
+# 3 MoE layers of 8 experts, top-2. Guesses copy into free slots only: the two spare slots the
+# planner frees after each layer step (kept by pools of at least 32 slots, set here for tiny ones).
+# The layer-aware policy lets a layer borrow slots only up to top_k: from about 3 slots a layer (9)
+# narrow steps fit in one round; the pools are still tiny: most steps run in rounds, and the next
+# step's rounds and the spare slots' refills evict what the guesses loaded.
 @pytest.mark.parametrize("slots", [9, 10, 12])
 def test_predicted_prefetch_is_exact_and_used(slots, tmp_path, monkeypatch):
-    """Every guess prefetched, whatever its precision and the window: slow copies into tiny pools,
-    where a prefetch evicts what a later round or layer needs, still give resident's bits."""
+    """Every guess prefetched, whatever its precision and the window: slow copies into spare slots of
+    tiny pools still give resident's bits."""
     make_checkpoint("qwen3_moe", tmp_path)
     ref_logits, ref_tokens = _outputs(LLM(str(tmp_path), dtype="float32", max_model_len=128))
     monkeypatch.setattr(executor_module, "PREDICTION_MIN_PRECISION", 0.0)
     monkeypatch.setattr(PrefetchWindow, "depth", lambda self, precision: 1000)
     llm = LLM(str(tmp_path), dtype="float32", max_model_len=128, expert_slots=slots, predictor="gate")
+    llm.engine.executor.planner.spare = 2
     copies = DelayedCopyEngine(0.001)
     llm.engine.executor.copy_engine = copies
     llm.engine.executor.window.copy_engine = copies
@@ -131,6 +133,7 @@ def test_wrong_guesses_stop_prefetching_and_are_probed_again():
     config = FAMILY_CONFIGS["qwen3_moe"]().to_dict() | {"architectures": ["Qwen3MoeForCausalLM"]}
     spec = family_for(config).read_spec(config)  # 8 experts, top-2
     executor = OffloadedExecutor(spec, torch.float32, "cpu", 8, "layer", DelayedCopyEngine())
+    executor.planner.spare = 2  # what guesses copy into (a pool this small keeps none of its own)
     executor.window.depth = lambda precision: 8
     wrong = _Fixed([6, 7])
     executor.predictor = wrong
@@ -156,3 +159,20 @@ def test_wrong_guesses_stop_prefetching_and_are_probed_again():
     assert executor.precision >= executor_module.PREDICTION_MIN_PRECISION
     assert right.calls > layer_steps / 2  # predicting every layer step again
     assert executor.prefetch_used > loads  # and its copies are used
+
+
+def test_guesses_copy_into_free_slots_only():
+    """A guess never evicts a cached expert: it copies into free slots (the spare ones the planner keeps
+    for the next step's first misses) and stops when there are none, however deep the window."""
+    config = FAMILY_CONFIGS["qwen3_moe"]().to_dict() | {"architectures": ["Qwen3MoeForCausalLM"]}
+    spec = family_for(config).read_spec(config)  # 8 experts, top-2
+    executor = OffloadedExecutor(spec, torch.float32, "cpu", 6, "layer", DelayedCopyEngine())
+    executor.window.depth = lambda precision: 8
+    first, second = spec.moe_layer_ids[:2]
+    executor._plan_and_copy(first, [0, 1, 2, 3])  # 4 of the 6 slots
+    executor._prefetch_guess(first, [5, 4, 6], window=True)
+    assert executor.prefetch_loads == 2  # the first choices first, into the 2 free slots
+    assert {ExpertId(second, 5), ExpertId(second, 4)} <= executor.planner.slot_of.keys()
+    cached = dict(executor.planner.slot_of)
+    executor._prefetch_guess(first, [6, 7], window=True)
+    assert executor.prefetch_loads == 2 and executor.planner.slot_of == cached

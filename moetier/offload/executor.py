@@ -21,8 +21,8 @@ layer's only host sync stays the routing read (but for the looped fallback kerne
 offsets on the host anyway). In full decode buckets each round replays a captured graph.
 Otherwise a predictor (offload/predict.py) guesses the next MoE layer's experts, its guess read with
 the routing (graphed, published after it and read once this layer's copies are issued), and those not
-resident start copying behind this layer's misses, so the copy engine keeps working through the next
-layer's attention, router and routing read; the guesses are scored against what that layer then
+resident start copying behind this layer's misses, into free slots only, so the copy engine keeps working
+through the next layer's attention, router and routing read without a cached expert evicted; the guesses are scored against what that layer then
 needs, and prefetching pauses while fewer than half were right.
 """
 
@@ -59,7 +59,7 @@ PREFETCH_NUMERATOR, PREFETCH_DENOMINATOR = 7, 8
 OVERLAP_MIN_TOKENS = GEMV_MAX_TOKENS + 1
 # Predicted experts are copied ahead (as many as fit the copy engine's idle window, prefetch.py)
 # while the running precision of the guesses that were not resident is at least this: each wrong
-# one also evicts a cached expert for nothing. (Right guesses are mostly resident already when the
+# one costs a copy and the spare slot the next step's first miss would have copied into. (Right guesses are mostly resident already when the
 # cache hits often: measured on the dummy Qwen3-30B-A3B at batch 1, 0.74 of all guesses right and
 # 0.19 of those copied.)
 PREDICTION_MIN_PRECISION = 0.5
@@ -190,13 +190,14 @@ class OffloadedExecutor:
             guess_host = published.guess_on_host(*guess_TK.shape)
         # Behind the compute, which need not wait for it; never into the slots of experts it may still be
         # reading (in rounds, the last round's: the others computed while its copies ran).
-        self._prefetch_next(layer, needed, _first_seen(guess_host), needed if fits else unread, window=fits)
+        self._prefetch_next(layer, x_TD.shape[0], needed, _first_seen(guess_host), needed if fits else unread,
+                            window=fits)
         return y_TD
 
-    def _prefetch_next(self, layer: int, needed: list[int], guessed: list[int], unread: list[int], window: bool
-                       ) -> None:
-        if not self._prefetch_after(layer, needed, unread):
-            self._prefetch_guess(layer, guessed, unread, window)
+    def _prefetch_next(self, layer: int, tokens: int, needed: list[int], guessed: list[int], unread: list[int],
+                       window: bool) -> None:
+        if not self._prefetch_after(layer, tokens, needed, unread):
+            self._prefetch_guess(layer, guessed, window)
 
     def _compute_in_rounds(self, layer: int, x_TD: torch.Tensor, routing: Routing, rounds: list[list[int]],
                            remaining: list[int], width: int, captured: "CapturedRound | None" = None
@@ -301,13 +302,14 @@ class OffloadedExecutor:
         self.pool.assign(slot, expert, evicted, filled)
 
     def _plan_and_copy(self, layer: int, experts: list[int], keep: frozenset[ExpertId] = frozenset(),
-                       prefetch: bool = False, copied: int = 0, next_round: tuple[list[int], int] | None = None
-                       ) -> tuple[list[int], list[int]]:
-        """Plans as many of `experts` as fit beside the hits (never evicting `keep`) and starts the
-        copies of the misses: (hits, loads). The first `copied` loads are the claimed ones, copying already.
-        With `next_round` (unread experts, width), a round after the step's first (planner.next_round)."""
+                       prefetch: bool = False, copied: int = 0, next_round: tuple[list[int], int] | None = None,
+                       evict: bool = True) -> tuple[list[int], list[int]]:
+        """Plans as many of `experts` as fit beside the hits (never evicting `keep`; without `evict`, into
+        free slots only) and starts the copies of the misses: (hits, loads). The first `copied` loads are
+        the claimed ones, copying already. With `next_round` (unread experts, width), a round after the
+        step's first (planner.next_round)."""
         if next_round is None:
-            hits, planned = self.planner.start_round(layer, experts, keep)
+            hits, planned = self.planner.start_round(layer, experts, keep, evict=evict)
         else:
             hits, planned = self.planner.next_round(layer, experts, *next_round)
         loaded = []
@@ -329,29 +331,36 @@ class OffloadedExecutor:
         self.prefetch_used += len(early)
         return hits, loaded
 
-    def _prefetch_after(self, layer: int, needed: list[int], unread: list[int]) -> bool:
-        """When this layer's step needed (nearly) every expert, as a long prompt's does under spread
-        routing, the next MoE layer's step will too: its copies start now, behind this layer's, into
+    def _prefetch_after(self, layer: int, tokens: int, needed: list[int], unread: list[int]) -> bool:
+        """When this layer's step of `tokens` needed (nearly) every expert, as a long prompt's does under
+        spread routing, the next MoE layer's step will too: its copies start now, behind this layer's, into
         slots other than those of the `unread` experts (this layer's, which its compute may still
         read), so they run while it computes. Routing that concentrates on
         a few experts (measured on the dummy Qwen3-30B-A3B: 29 of 128 per layer for a 512-token
-        prompt) prefetches nothing, rather than four times the bytes it needs. True if it prefetched."""
+        prompt) prefetches nothing, rather than four times the bytes it needs; nor does a step too
+        narrow for the next one to need every expert (_spread_enough). True if it prefetched."""
         nxt = self.next_layer.get(layer)
         if nxt is None or not self.prefetch_next_layer:
             return False
         num_experts = self.spec.num_experts
         if len(needed) * PREFETCH_DENOMINATOR < PREFETCH_NUMERATOR * num_experts:
             return False
+        if not _spread_enough(tokens, num_experts, self.spec.top_k):
+            return False
         keep = frozenset(ExpertId(layer, e) for e in unread)
         _, loaded = self._plan_and_copy(nxt, list(range(num_experts)), keep, prefetch=True)
         self.prefetch_loads += len(loaded)
         return True
 
-    def _prefetch_guess(self, layer: int, guessed: list[int], unread: list[int], window: bool) -> None:
+    def _prefetch_guess(self, layer: int, guessed: list[int], window: bool) -> None:
         """Starts the copies of the predicted next-layer experts that are not resident (the first
-        choices first; with `window`, as many as fit the copy engine's idle window, else as many as
-        slots other than the `unread` experts' allow), behind this layer's own; remembers the guess to score it.
-        (The window is measured on steps that fit in one pass; a step in rounds has none of its own.)"""
+        choices first; with `window`, as many as fit the copy engine's idle window), behind this layer's
+        own, into free slots only: the spare slots the planner keeps for the next step's first misses,
+        which a right guess is one of. Evicting for a guess would cost a cached expert that the step
+        without it keeps: on uniform routing, batch-8 decode of a Mixtral-8x7B shape with 55 slots fell from
+        static pinning's hit rate to 0.004 below it (benchmarks/prefetch_hit_rate.py). Remembers the
+        guess to score it. (The window is measured on steps that fit in one pass; a step in rounds has
+        none of its own.)"""
         nxt = self.next_layer.get(layer)
         if not guessed or nxt is None:
             return
@@ -362,8 +371,7 @@ class OffloadedExecutor:
         if window:
             missing = missing[: self.window.depth(self.precision)]
         if missing:
-            keep = frozenset(ExpertId(layer, e) for e in unread)
-            _, loaded = self._plan_and_copy(nxt, missing, keep, prefetch=True)
+            _, loaded = self._plan_and_copy(nxt, missing, prefetch=True, evict=False)
             self.prefetch_loads += len(loaded)
 
     def _predicting(self) -> bool:
@@ -517,6 +525,14 @@ class OffloadedExecutor:
             "slot_occupancy": sum(h is not None for h in self.planner.holder) / self.pool.num_slots,
             "layers": {layer: {"hits": self.hits[layer], "misses": self.misses[layer]} for layer in self.moe_layers},
         }
+
+
+def _spread_enough(tokens: int, num_experts: int, top_k: int) -> bool:
+    """Whether a step of `tokens` under spread routing leaves fewer than half an expert of a layer unused
+    on average (each expert missed by a token with chance 1 - top_k / num_experts): only then is a whole
+    layer worth copying ahead. A 512-token prompt is; batch-8 decode of Mixtral-8x7B (8 experts, top-2)
+    leaves 0.8 unused, and copying them costs cached experts and copy time."""
+    return num_experts * (1 - top_k / num_experts) ** tokens < 0.5
 
 
 def _distinct(ids: np.ndarray) -> list[int]:

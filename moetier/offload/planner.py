@@ -83,15 +83,17 @@ class SlotPlanner:
         return hits, list(loads)
 
     def start_round(self, layer: int, experts: list[int], keep: frozenset[ExpertId] = frozenset(),
-                    limit: int | None = None) -> tuple[list[int], Iterator[tuple[int, int, ExpertId | None]]]:
+                    limit: int | None = None, evict: bool = True
+                    ) -> tuple[list[int], Iterator[tuple[int, int, ExpertId | None]]]:
         """plan_round with the loads planned one at a time as the caller takes them, so that it can
-        start each copy before planning the next; the caller takes them all. At most `limit` loads."""
+        start each copy before planning the next; the caller takes them all. At most `limit` loads; without
+        `evict`, only as many as there are free slots (a speculative load then costs no cached expert)."""
         # by the layer's few resident experts, not an ExpertId per expert asked for (a round of a wide step
         # asks for a hundred, nearly none resident)
         held = {x.expert for x in self.resident[layer] if x not in self._claimed}
         hits = [e for e in experts if e in held]
         protected = {ExpertId(layer, e) for e in hits} | keep | self._claimed.keys()
-        return hits, itertools.islice(self._loads(layer, experts, protected), limit)
+        return hits, itertools.islice(self._loads(layer, experts, protected, evict), limit)
 
     def next_round(self, layer: int, experts: list[int], unread: list[int], width: int
                    ) -> tuple[list[int], Iterator[tuple[int, int, ExpertId | None]]]:
@@ -143,7 +145,7 @@ class SlotPlanner:
         heapq.heappush(self.free, slot)
         return slot
 
-    def _loads(self, layer: int, experts: list[int], protected: set[ExpertId]
+    def _loads(self, layer: int, experts: list[int], protected: set[ExpertId], evict: bool = True
                ) -> Iterator[tuple[int, int, ExpertId | None]]:
         for e in experts:
             expert = ExpertId(layer, e)
@@ -158,7 +160,7 @@ class SlotPlanner:
             if self.free:
                 slot = heapq.heappop(self.free)
             else:
-                evicted = self.policy.choose(self.resident, protected)
+                evicted = self.policy.choose(self.resident, protected) if evict else None
                 if evicted is None:
                     break
                 slot = self._evict(evicted)

@@ -16,6 +16,8 @@ machine effect), in alternating rounds of timed decode steps (or prefills). One 
         other experts while its last copy streams in, then that one's; off, all of them after the last copy.
     --toggle mailbox: a graphed step's routing (and guess) polled from the pinned memory its graph writes
         (kernels/routing_mailbox.py); off, copied to the host after the graph and read after a stream sync.
+    --toggle first-copy: in a graphed step each layer's first miss copied by a kernel right after its routing
+        (kernels/first_copy.py); off, the kernel runs but copies nothing, and the copy engine copies every miss.
 
     python benchmarks/offload_ab.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB --toggle spare \
         [--routing synthetic:uniform] [--batch 1] [--rounds 3] [--steps 16] [--max-model-len 577] [--prefill 512]
@@ -86,9 +88,9 @@ def round_guess_switch(engine: Engine):
     executor = engine.executor
     prefetch_guess = executor._prefetch_guess
 
-    def in_one_pass(layer, guessed, unread, window):
+    def in_one_pass(layer, guessed, window):
         if window:
-            prefetch_guess(layer, guessed, unread, window)
+            prefetch_guess(layer, guessed, window)
 
     def switch(on: bool) -> None:
         executor._prefetch_guess = prefetch_guess if on else in_one_pass
@@ -114,8 +116,17 @@ def mailbox_switch(engine: Engine):
     return switch
 
 
+def first_copy_switch(engine: Engine):
+    executor = engine.executor
+
+    def switch(on: bool) -> None:
+        executor.gpu_first_copy = on
+    return switch
+
+
 SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy_switch, "ahead": ahead_switch,
-            "round-guess": round_guess_switch, "split": split_switch, "mailbox": mailbox_switch}
+            "round-guess": round_guess_switch, "split": split_switch, "mailbox": mailbox_switch,
+            "first-copy": first_copy_switch}
 
 
 def alternate(args: argparse.Namespace, engine: Engine, switch, step, tokens: int, h2d_gbps: float,

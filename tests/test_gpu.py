@@ -1,5 +1,6 @@
 """The same engine on a CUDA GPU: fp32 logits agree with transformers there, bf16 runs end to end."""
 
+import numpy as np
 import pytest
 import torch
 from checkpoints import FAMILY_CONFIGS, make_checkpoint
@@ -301,6 +302,9 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
     elif slots >= 12:  # guesses are made where a step fits in one round (about 0.9 right on CPU), and used;
         # with 6 slots (2 a layer: the layer-aware policy borrows no more) every step runs in rounds
         assert stats["prefetch_used"] > 0 and stats["prediction_precision"] > 0.5 and stats["expert_copy_s"] > 0
+    if predictor == "none" and 1 < slots < 24:  # the graphs' first-miss kernels copied into spare slots (of the
+        # GEMV-sized buckets; a pool of one slot has none free when a graph launches)
+        assert stats["gpu_first_copies"] > 0
 
 
 def test_routing_mailbox_publishes_from_a_graph(monkeypatch):
@@ -327,6 +331,54 @@ def test_routing_mailbox_publishes_from_a_graph(monkeypatch):
     mailbox.arm()
     with pytest.raises(RuntimeError, match="never published"):
         mailbox.read(routing, 8)
+
+
+def test_first_miss_copy_kernel_copies_what_the_planner_books():
+    """From a graph, the kernel copies the smallest routed expert that its command's table lacks (of the
+    first `count` ids) from the pinned arena into the commanded slot, byte for byte, and nothing when every
+    routed expert is resident, the slot is -1 or the expert is on disk; the planner's claim_free books the
+    same expert into the same slot."""
+    from moetier.kernels.first_copy import FirstMissCopy
+    from moetier.offload.arena import HostArena
+    from moetier.offload.cache import LRU
+    from moetier.offload.planner import SlotPlanner
+
+    experts, slot_bytes, slots = 8, 4096 + 16, 4
+    arena = HostArena(1 << 14, pin=True)  # several chunks: offsets from the lowest
+    buffers = [arena.allocate(slot_bytes) for _ in range(experts)]
+    for e, buffer in enumerate(buffers):
+        buffer.copy_(torch.randint(0, 256, (slot_bytes,), dtype=torch.uint8))
+    rows = [[None if e == 6 else buffers[e] for e in range(experts)]]  # expert 6 on disk
+    bank_SB = torch.zeros(slots, slot_bytes, dtype=torch.uint8, device="cuda")
+    copier = FirstMissCopy(rows, arena.chunks, bank_SB)
+    ids_TK = torch.zeros(2, 4, dtype=torch.int64, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        copier.capture(0, ids_TK)
+    for routed, count, resident, expected in (
+            ([3, 1, 5, 7, 2, 0, 4, 6], 8, {0: 0, 3: 1}, 1),  # 0 and 3 held: 1 is the first missing
+            ([3, 1, 5, 7, 2, 0, 4, 6], 4, {1: 0, 3: 1}, 5),  # the first row's ids only
+            ([3, 1, 3, 1, 0, 0, 0, 0], 4, {1: 0, 3: 1}, None),  # every expert held
+            ([6, 7, 6, 7, 0, 0, 0, 0], 4, {7: 0}, None),  # 6, on disk, is first: nothing
+            ([5, 7, 5, 7, 0, 0, 0, 0], 4, {}, -1)):  # the slot is -1
+        planner = SlotPlanner(slots, LRU())
+        for e, slot in resident.items():
+            planner.claim_free(0, [e])  # the lowest free slots, in that order
+        table_E = np.full(experts, -1, dtype=np.int64)
+        table_E[list(resident)] = list(resident.values())
+        needed = sorted(set(routed[:count]))
+        slot = -1 if expected == -1 else planner.free[0]
+        copier.command(0, slot, count, table_E)
+        bank_SB.zero_()
+        ids_TK.copy_(torch.tensor(routed).view(2, 4))
+        graph.replay()
+        torch.cuda.synchronize()
+        filled = [s for s in range(slots) if bank_SB[s].any()]
+        if expected is None or expected == -1:
+            assert filled == []
+            continue
+        assert filled == [slot] and torch.equal(bank_SB[slot].cpu(), buffers[expected])
+        assert planner.claim_free(0, needed)[0] == (expected, slot)
 
 
 def test_next_gate_guess_is_the_next_routers_top_k_on_cuda():

@@ -11,8 +11,10 @@ offloaded executor each stretch also ends with its predictor's guess for the nex
 expert call gets graphs of its own that the executor replays (OffloadedExecutor.capture_compute): at
 GEMV sizes the whole call, once the step's experts are resident; at grouped sizes one round, replayed
 for each round of the step. Each stretch writes its routing (and guess) into pinned host memory, where
-the executor polls for it (kernels/routing_mailbox.py). What stays eager is the routing read, the slot
-planning and the copies.
+the executor polls for it (kernels/routing_mailbox.py), and a kernel after it copies the layer's first
+missed expert into the slot the executor named before the launch (kernels/first_copy.py; GEMV-sized buckets,
+small experts: executor.FIRST_COPY_MAX_BYTES). What stays eager
+is the routing read, the slot planning and the other copies.
 """
 
 import torch
@@ -21,8 +23,10 @@ from moetier.engine.batch import DecodeMeta, ForwardBatch
 from moetier.engine.kv_cache import KVCache
 from moetier.engine.scheduler import ScheduledSeq
 from moetier.kernels import routing_mailbox
+from moetier.kernels.first_copy import FirstMissCopy
 from moetier.kernels.routing_mailbox import RoutingMailbox
 from moetier.models.transformer import CausalLM
+from moetier.moe.grouped import GEMV_MAX_TOKENS
 from moetier.moe.layer import MoELayer
 from moetier.moe.router import Routing
 from moetier.offload.executor import CapturedRound, OffloadedExecutor, PublishedRouting
@@ -166,10 +170,13 @@ class _GraphBreaks:
 
     sync_free = True
 
-    def __init__(self, pool, predictor, mailbox: RoutingMailbox | None):
+    def __init__(self, pool, predictor, mailbox: RoutingMailbox | None, first_copy: FirstMissCopy | None,
+                 moe_layers: list[int]):
         self.pool = pool
         self.predictor = predictor
         self.mailbox = mailbox
+        self.first_copy = first_copy  # with the mailbox: each layer's first miss copied right after its routing
+        self.index_of = {layer: i for i, layer in enumerate(moe_layers)}
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.calls: list[_ExpertCall] = []
 
@@ -180,6 +187,8 @@ class _GraphBreaks:
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         routing_region = None if self.mailbox is None else self.mailbox.publish(routing.topk_ids_TK)
+        if routing_region is not None and self.first_copy is not None:
+            self.first_copy.capture(self.index_of[layer], routing.topk_ids_TK)
         guess_TK = None if self.predictor is None else self.predictor.predict(layer, x_TD)
         published = None
         if routing_region is not None:
@@ -207,6 +216,8 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
         # (the residual stream passed between layers).
         compute_pool = torch.cuda.graph_pool_handle()
         moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
+        # made (its kernel compiled) before any capture
+        self.first_copy = self.executor.first_miss_copy() if self.offloaded and routing_mailbox.triton else None
         for size in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
             batch = self._batch(size)
             stream = torch.cuda.Stream(device)
@@ -215,7 +226,9 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
                 self.model(batch, self.kv_cache.layers)  # warm-up with the real executor
                 torch.cuda.synchronize(device)
                 mailbox = self._mailbox(size, len(moe_layers), device)
-                breaks = _GraphBreaks(pool, self.executor.predictor if self.offloaded else None, mailbox)
+                first_copy = self.first_copy if mailbox is not None and size <= GEMV_MAX_TOKENS else None
+                breaks = _GraphBreaks(pool, self.executor.predictor if self.offloaded else None, mailbox, first_copy,
+                                      [m.layer for m in moe_layers])
                 for layer in moe_layers:
                     layer.executor = breaks
                 try:
@@ -245,15 +258,18 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
     @torch.inference_mode()  # the pieces' outputs are inference tensors; the executor writes them
     def _replay(self, size: int, n: int) -> torch.Tensor:
         pieces, calls = self.graphs[size], self.calls[size]
+        first_copy = self.first_copy is not None and size in self.mailboxes and size <= GEMV_MAX_TOKENS
         if size in self.mailboxes:
             self.mailboxes[size].arm()  # before the launches that publish into it
-        pieces[0].replay()
-        for call, graph in zip(calls, pieces[1:]):
-            y_TD = self._run_experts(call, n, size)
-            if y_TD is not None:
-                call.y_TD[:n].copy_(y_TD)
-                if n < size:
-                    call.y_TD[n:].zero_()  # padding rows: finite values, never read by a real row
+        for i, graph in enumerate(pieces):
+            if i:
+                y_TD = self._run_experts(calls[i - 1], n, size)
+                if y_TD is not None:
+                    calls[i - 1].y_TD[:n].copy_(y_TD)
+                    if n < size:
+                        calls[i - 1].y_TD[n:].zero_()  # padding rows: finite values, never read by a real row
+            if first_copy and i < len(calls):  # this piece routes calls[i]'s layer
+                self.executor.command_first_copy(calls[i].layer, n * self.executor.spec.top_k)
             graph.replay()
         return self.logits[size][:n]
 

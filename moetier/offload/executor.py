@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moetier.kernels.first_copy import FirstMissCopy
 from moetier.kernels.routing_mailbox import Region, RoutingMailbox
 from moetier.models.spec import ModelSpec
 from moetier.moe.dispatch import combine, dispatch, dispatch_round, weighted_k_sum
@@ -70,6 +71,13 @@ PREDICTION_PROBE_EVERY = 8
 # streams in (_split_at_last_copy). With fewer, the copies are short next to the extra replay's and table's
 # host time.
 SPLIT_MIN_LOADS = 3
+# In graphed decode at GEMV sizes, the GPU copies each layer's first miss itself (kernels/first_copy.py) when an
+# expert is at most this large: its kernel reads pinned memory at ~43 GB/s against the copy engine's ~54, and
+# starts ~45 us sooner (the host's poll, booking and copy call, on the device H100: benchmarks/zero_copy_rate.py,
+# first_copy_probe.py), so it lands a lone miss sooner up to 45 us * 43 * 54 / (54 - 43) GB/s = 9.5 MB (a Qwen3-30B-A3B
+# expert is 9.4 MB, an OLMoE-1B-7B one 12.6). At larger batch sizes a step's hits compute while its misses
+# stream in, and the kernel, on the compute stream, would hold them back.
+FIRST_COPY_MAX_BYTES = 9_500_000
 # Up to this many routed ids (decode steps) a Python set finds the distinct ones faster than np.unique.
 DISTINCT_BY_SET_MAX = 256
 
@@ -86,6 +94,7 @@ class OffloadedExecutor:
         self.layout = ExpertLayout(model_spec.hidden_size, self.spec.intermediate_size, dtype, self.spec.expert_bias)
         self.moe_layers = tuple(model_spec.moe_layer_ids)
         self.next_layer = dict(zip(self.moe_layers, self.moe_layers[1:]))  # the MoE layer after each but the last
+        self._layer_index = {layer: i for i, layer in enumerate(self.moe_layers)}
         self.store = ExpertStore(self.layout, self.moe_layers, self.spec.num_experts, host_experts=host_experts,
                                  disk_key=disk_key)
         self.pool = SlotPool(num_slots, self.layout, self.moe_layers, self.spec.num_experts, device)
@@ -117,6 +126,10 @@ class OffloadedExecutor:
         self.window = PrefetchWindow(self.copy_engine)
         self._ids_host = torch.empty(0, dtype=torch.int64)  # pinned on CUDA: where the routing lands
         self._round_tables = TableUploads(self.spec.num_experts, device)
+        self.gpu_first_copy = True  # in graphed decode, the GPU copies each layer's first miss itself
+        self._first_copy: FirstMissCopy | None = None
+        self._gpu_slot: tuple[int, int] | None = None  # (layer, slot) its first-miss kernel was told to fill
+        self.gpu_first_copies = 0
         # tokens -> the (table, output) that the captured rounds of that size share
         self._round_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -145,14 +158,15 @@ class OffloadedExecutor:
         self.routing_sync_s += time.perf_counter() - started
         # The first misses copy into the spare slots before the rest of the host work (planner.py).
         claimed = self.planner.claim_free(layer, needed)
-        first_copy = self._copy_claimed(layer, claimed)
+        by_gpu = self._copied_by_gpu(layer, claimed)
+        first_copy = self._copy_claimed(layer, claimed[by_gpu:])
         self.window.copies_start(first_copy)
         self.window.window_ends(first_layer=layer == self.moe_layers[0])
         if layer == self.moe_layers[0]:
             self.tokens += x_TD.shape[0]
         self.planner.access(layer, needed)
         hits, loads = self._plan_and_copy(layer, needed, copied=len(claimed))
-        self.window.copies_issued(len(loads) - (first_copy is not None))
+        self.window.copies_issued(len(loads) - by_gpu - (first_copy is not None))
         # Host work that the copies need not wait for comes after they started.
         self.window.measure()
         self._score_guess(layer, needed)
@@ -287,6 +301,46 @@ class OffloadedExecutor:
         return _distinct(hosts[0]), hosts[1] if len(hosts) > 1 else None
 
     # --- planning and copies ----------------------------------------------------------------
+
+    def first_miss_copy(self) -> FirstMissCopy | None:
+        """The kernels that copy each layer's first miss in graphed decode (kernels/first_copy.py), made once;
+        None where they cannot run (no Triton, no pinned arena, slots not of whole 16-byte lines) or would not
+        help (experts over FIRST_COPY_MAX_BYTES)."""
+        if self.layout.slot_bytes > FIRST_COPY_MAX_BYTES:
+            return None
+        if self._first_copy is None and FirstMissCopy.supported(self.pool.bank.bytes_SB, self.store.arena.chunks):
+            buffers = [[self.store.buffers.get(ExpertId(layer, e)) for e in range(self.spec.num_experts)]
+                       for layer in self.moe_layers]
+            self._first_copy = FirstMissCopy(buffers, self.store.arena.chunks, self.pool.bank.bytes_SB)
+        return self._first_copy
+
+    def command_first_copy(self, layer: int, count: int) -> None:
+        """Before the launch of the graph that routes `layer` over `count` ids: its kernel is to copy the
+        first missed expert into the lowest free slot, where claim_free will book it (or nothing: with
+        `gpu_first_copy` off, no free slot, or one whose last copy may still be landing)."""
+        free, filled = self.planner.free, self.pool.filled
+        slot = free[0] if free and self.gpu_first_copy else -1
+        if slot >= 0 and filled[slot] is not None and not filled[slot].query():
+            slot = -1
+        self._first_copy.command(self._layer_index[layer], slot, count, self.pool.host_tables[layer])
+        self._gpu_slot = (layer, slot)
+
+    def _copied_by_gpu(self, layer: int, claimed: list[tuple[int, int]]) -> int:
+        """1 if the first claimed miss was copied by the layer's first-miss kernel (it is then resident once
+        the compute stream gets past that kernel), else 0."""
+        commanded, self._gpu_slot = self._gpu_slot, None
+        if commanded is None or commanded[0] != layer or commanded[1] < 0 or not claimed:
+            return 0
+        e, slot = claimed[0]
+        if slot != commanded[1]:
+            raise RuntimeError(f"layer {layer}: the first miss was booked into slot {slot}, the GPU copied it into "
+                               f"{commanded[1]}")
+        expert = ExpertId(layer, e)
+        if expert not in self.store.buffers:  # on disk: the kernel copied nothing
+            return 0
+        self.pool.assign(slot, expert, None, None)
+        self.gpu_first_copies += 1
+        return 1
 
     def _copy_claimed(self, layer: int, claimed: list[tuple[int, int]]) -> Event | None:
         """Starts the copies of the misses claim_free booked into free slots; the first one's event."""
@@ -512,6 +566,7 @@ class OffloadedExecutor:
             "tokens": self.tokens,
             "prefetch_loads": self.prefetch_loads,  # copies started a layer ahead (whole layer or predicted)
             "prefetch_used": self.prefetch_used,  # of those, used by their layer (counted as its misses)
+            "gpu_first_copies": self.gpu_first_copies,  # misses copied by the GPU's first-miss kernel
             "miss_bytes": misses * self.layout.slot_bytes,  # what the steps needed copied (prefetches used included)
             "guessed_experts": self.guessed_experts,  # predicted for a layer, and of those used by it
             "guessed_right": self.guessed_right,

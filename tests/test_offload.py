@@ -252,6 +252,54 @@ def test_decode_sized_steps_are_bitwise_resident_through_the_gemv(qwen3, monkeyp
     assert set(rounds_of) == {1, 3, 6, 12}  # every pool size went through rounds
 
 
+class _HostFirstMissCopy:
+    """The first-miss kernel's rule (kernels/first_copy.py) run on the host, on the command the executor last
+    wrote: the smallest routed expert (of the first `count` ids) that the command's table lacks, copied from
+    the store's arena into the commanded slot, if the arena holds it."""
+
+    def __init__(self, executor: OffloadedExecutor):
+        self.executor = executor
+        self.row = None
+
+    def command(self, index: int, slot: int, count: int, table_E) -> None:
+        self.row = (self.executor.moe_layers[index], slot, count, table_E.copy())
+
+    def launch(self, ids_TK: torch.Tensor) -> None:
+        layer, slot, count, table_E = self.row
+        missing = [e for e in ids_TK.reshape(-1)[:count].tolist() if table_E[e] < 0]
+        expert = ExpertId(layer, min(missing)) if missing else None
+        if slot >= 0 and expert in self.executor.store.buffers:
+            self.executor.pool.slot_bytes_S[slot].copy_(self.executor.store.buffers[expert])
+
+
+@pytest.mark.parametrize("slots", [3, 12])
+def test_first_misses_copied_by_the_gpu_are_booked_where_it_wrote_them(qwen3, slots, monkeypatch):
+    """The first-miss kernel's host side, with its rule run on the host before each layer step (as the graphs
+    launch it): the executor books the expert the kernel copied into the slot it named, waits for no copy of
+    it and copies every other miss; with late copies, offloaded stays bitwise the resident run."""
+    resident = LLM(qwen3, dtype="float32", max_model_len=128)
+    ref_logits, ref_tokens = _outputs(resident)
+    llm, engine = _offloaded(qwen3, slots)
+    executor = llm.engine.executor
+    executor.planner.spare = 2  # free slots for the kernel (a pool this small keeps none of its own)
+    kernel = executor._first_copy = _HostFirstMissCopy(executor)
+    run, copy, copies = executor.run, engine.copy, []
+
+    def commanded_run(layer, x_TD, routing, *args):
+        executor.command_first_copy(layer, routing.topk_ids_TK.numel())
+        kernel.launch(routing.topk_ids_TK)
+        return run(layer, x_TD, routing, *args)
+
+    monkeypatch.setattr(executor, "run", commanded_run)
+    monkeypatch.setattr(engine, "copy", lambda *args: copies.append(1) or copy(*args))
+    logits, tokens = _outputs(llm)
+    assert all(torch.equal(a, b) for a, b in zip(logits, ref_logits)) and tokens == ref_tokens
+    assert engine.violations == []
+    stats = llm.stats()
+    loads = stats["misses"] - stats["prefetch_used"] + stats["prefetch_loads"]
+    assert stats["gpu_first_copies"] > 0 and len(copies) == loads - stats["gpu_first_copies"]
+
+
 @pytest.mark.parametrize("kernel,tokens", [("grouped", 9), ("gemv", 3)])
 def test_rounds_read_nothing_on_the_host(kernel, tokens, monkeypatch):
     """Meta tensors hold no data: a round that read a size or a value of a device tensor on the host

@@ -197,6 +197,7 @@ def offload_summary(engine: Engine, recorder: RoutingRecorder, h2d_gbps: float |
         hits, misses = simulate(trace, policy, stats["num_slots"], events)
         replayed[policy] = round(hits / (hits + misses), 4) if hits + misses else None
     keys = ("num_slots", "slot_bytes", "hit_rate", "bytes_copied", "miss_bytes", "prefetch_loads", "prefetch_used",
+            "gpu_first_copies",
             "prediction_precision", "prediction_recall", "prefetch_window_s", "expert_copy_s",
             "slot_occupancy", "disk_experts", "disk_direct_io", "disk_bytes_read", "disk_read_s",
             "host_arena_reserved_bytes")

@@ -55,7 +55,8 @@ def run(name: str, slots: int, output_len: int, prefetch: bool) -> dict:
             before = totals()
             measure()
             hits, misses, loads, used = (after - was for after, was in zip(totals(), before))
-            phases[phase] = {"hit_rate": round(hits / (hits + misses), 4), "prefetch_loads": loads, "prefetch_used": used}
+            phases[phase] = {"hit_rate": round(hits / (hits + misses), 4), "prefetch_loads": loads,
+                             "prefetch_used": used}
         summary = offload_summary(llm.engine, recorder, None)
     return {"shape": name, "slots": slots, "prefetch": prefetch, "hit_rate": round(summary["hit_rate"], 4),
             "replayed_hit_rate": summary["replayed_hit_rate"], **phases}

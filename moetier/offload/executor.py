@@ -22,8 +22,8 @@ offsets on the host anyway). In full decode buckets each round replays a capture
 Otherwise a predictor (offload/predict.py) guesses the next MoE layer's experts, its guess read with
 the routing (graphed, published after it and read once this layer's copies are issued), and those not
 resident start copying behind this layer's misses, into free slots only, so the copy engine keeps working
-through the next layer's attention, router and routing read without a cached expert evicted; the guesses are scored against what that layer then
-needs, and prefetching pauses while fewer than half were right.
+through the next layer's attention, router and routing read without a cached expert evicted; the guesses
+are scored against what that layer then needs, and prefetching pauses while fewer than half were right.
 """
 
 import time
@@ -60,9 +60,9 @@ PREFETCH_NUMERATOR, PREFETCH_DENOMINATOR = 7, 8
 OVERLAP_MIN_TOKENS = GEMV_MAX_TOKENS + 1
 # Predicted experts are copied ahead (as many as fit the copy engine's idle window, prefetch.py)
 # while the running precision of the guesses that were not resident is at least this: each wrong
-# one costs a copy and the spare slot the next step's first miss would have copied into. (Right guesses are mostly resident already when the
-# cache hits often: measured on the dummy Qwen3-30B-A3B at batch 1, 0.74 of all guesses right and
-# 0.19 of those copied.)
+# one costs a copy and the spare slot the next step's first miss would have copied into. (Right guesses
+# are mostly resident already when the cache hits often: measured on the dummy Qwen3-30B-A3B at batch 1,
+# 0.74 of all guesses right and 0.19 of those copied.)
 PREDICTION_MIN_PRECISION = 0.5
 # Below it, one layer step in this many still predicts (and is scored), so a run whose routing
 # becomes predictable turns prefetching back on; the others skip the predictor's kernels.
@@ -71,11 +71,11 @@ PREDICTION_PROBE_EVERY = 8
 # streams in (_split_at_last_copy). With fewer, the copies are short next to the extra replay's and table's
 # host time.
 SPLIT_MIN_LOADS = 3
-# In graphed decode at GEMV sizes, the GPU copies each layer's first miss itself (kernels/first_copy.py) when an
-# expert is at most this large: its kernel reads pinned memory at ~43 GB/s against the copy engine's ~54, and
-# starts ~45 us sooner (the host's poll, booking and copy call, on the device H100: benchmarks/zero_copy_rate.py,
-# first_copy_probe.py), so it lands a lone miss sooner up to 45 us * 43 * 54 / (54 - 43) GB/s = 9.5 MB (a Qwen3-30B-A3B
-# expert is 9.4 MB, an OLMoE-1B-7B one 12.6). At larger batch sizes a step's hits compute while its misses
+# In graphed decode at GEMV sizes, the GPU copies each layer's first miss itself (kernels/first_copy.py) when
+# an expert is at most this large: its kernel reads pinned memory at ~43 GB/s against the copy engine's ~54,
+# and starts ~45 us sooner (the host's poll, booking and copy call, on the device H100:
+# benchmarks/zero_copy_rate.py, first_copy_probe.py), so it lands a lone miss sooner up to
+# 45 us * 43 * 54 / (54 - 43) GB/s = 9.5 MB (a Qwen3-30B-A3B expert is 9.4 MB, an OLMoE-1B-7B one 12.6). At larger batch sizes a step's hits compute while its misses
 # stream in, and the kernel, on the compute stream, would hold them back.
 FIRST_COPY_MAX_BYTES = 9_500_000
 # Up to this many routed ids (decode steps) a Python set finds the distinct ones faster than np.unique.

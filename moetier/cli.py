@@ -214,8 +214,8 @@ def stats_table(stats: dict, tokens: int) -> str:
         (f"host-to-device {stats['bytes_copied'] / 2**20:.1f} MiB ({stats['bytes_copied'] / per_token / 2**20:.2f} "
          f"MiB/token), copy wait {stats['copy_wait_s'] * 1e3:.1f} ms ({stats['copy_wait_s'] * 1e3 / per_token:.3f} "
          f"ms/token), routing read on the host {stats['routing_sync_s'] * 1e3 / per_token:.3f} ms/token"),
-        (f"experts copied a layer ahead {stats['prefetch_loads']}, used {stats['prefetch_used']}; "
-         f"slot occupancy {stats['slot_occupancy']:.2f}"),
+        (f"experts copied a layer ahead {stats['prefetch_loads']}, used {stats['prefetch_used']}; first misses "
+         f"copied by the GPU {stats['gpu_first_copies']}; slot occupancy {stats['slot_occupancy']:.2f}"),
         _prediction_line(stats),
         "layer  hits  misses  hit rate",
     ]

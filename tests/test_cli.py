@@ -32,6 +32,7 @@ def test_generate_stats_table_for_offloaded_experts(capsys):
     err = capsys.readouterr().err
     assert "experts: offloaded, 10 device slots" in err and "hit rate" in err
     assert "next-layer prediction: precision" in err  # the gate predictor guesses by default
+    assert "first misses copied by the GPU 0" in err  # CPU: no graphs, no first-miss kernel
     layer_rows = [line.split() for line in err.splitlines() if line.strip() and line.split()[0].isdigit()]
     assert [int(row[0]) for row in layer_rows] == list(range(8))  # the default model's 8 MoE layers
     assert all(int(row[1]) + int(row[2]) > 0 for row in layer_rows)

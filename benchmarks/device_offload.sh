@@ -6,7 +6,10 @@
 #   STAGE=mixtral Mixtral-8x7B at 24 and 40 GiB (+ naive baseline at 24 GiB)
 #   STAGE=peers   transformers + accelerate offload at the same budgets; OLMoE served from disk
 #   STAGE=replay  the same shapes driven by the routing of trained donors (benchmarks/results/traces/donor-*)
-#   STAGE=uniform the Mixtral and Qwen3 shapes with seeded uniform routing (synthetic:uniform), beside replay
+#   STAGE=uniform the final rows (128 new tokens) with seeded uniform routing (synthetic:uniform): GPU tests
+#                 (TESTS=0 skips them), OLMoE-1B-7B at 4 GiB and Qwen3-30B-A3B at 12 GiB
+#   STAGE=uniform-mixtral   Mixtral-8x7B at 24 GiB, the same way (one call: ~310 s)
+#   STAGE=uniform-40  Mixtral-8x7B at 40 GiB, and OLMoE served from disk (2 GiB host cap, dummy routers)
 #   STAGE=predict GPU tests (TESTS=0 skips them), then where the copy engine idles with and without next-layer
 #                 prediction (benchmarks/profile_copy_gaps.py) for RUNS="shape:budget ..." (olmoe-1b-7b:4GiB):
 #                 the dummy routers, uniform and donor routing, batch 1 and 8
@@ -113,8 +116,19 @@ replay)  # a donor trace replayed in place of the dummy routers (consecutive tra
     --routing replay:$T/donor-olmoe-1b-7b/heldout.npz
   ;;
 uniform)  # every token's experts drawn uniformly: the reference the donor rows are read against
-  offload mixtral_24gib_uniform mixtral-8x7b 24GiB 230 --batch-sizes 1,8 --output-len 16 --routing synthetic:uniform
-  offload qwen3_12gib_uniform qwen3-30b-a3b 12GiB 170 --batch-sizes 1,8 --output-len 48 --routing synthetic:uniform
+  if [ "${TESTS:-1}" = 1 ]; then
+    timeout 240 python3 -m pytest -q -p no:logging tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+    grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.log" | head -30
+  fi
+  offload olmoe_4gib_uniform olmoe-1b-7b 4GiB 150 --batch-sizes 1,8 --output-len 128 --routing synthetic:uniform
+  offload qwen3_12gib_uniform qwen3-30b-a3b 12GiB 250 --batch-sizes 1,8 --output-len 128 --routing synthetic:uniform
+  ;;
+uniform-mixtral)
+  offload mixtral_24gib_uniform mixtral-8x7b 24GiB 560 --batch-sizes 1,8 --output-len 128 --routing synthetic:uniform
+  ;;
+uniform-40)
+  offload olmoe_4gib_disk olmoe-1b-7b 4GiB 150 --cpu-memory 2GiB --batch-sizes 1 --output-len 16
+  offload mixtral_40gib_uniform mixtral-8x7b 40GiB 420 --batch-sizes 1,8 --output-len 128 --routing synthetic:uniform
   ;;
 serve)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -18,6 +18,7 @@ machine effect), in alternating rounds of timed decode steps (or prefills). One 
         (kernels/routing_mailbox.py); off, copied to the host after the graph and read after a stream sync.
     --toggle first-copy: in a graphed step each layer's first miss copied by a kernel right after its routing
         (kernels/first_copy.py); off, the kernel runs but copies nothing, and the copy engine copies every miss.
+    --toggle recorder: the routing recorder `moetier bench` attaches (its copies in the graphs, its per-step work).
 
     python benchmarks/offload_ab.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB --toggle spare \
         [--routing synthetic:uniform] [--batch 1] [--rounds 3] [--steps 16] [--max-model-len 577] [--prefill 512]
@@ -39,6 +40,7 @@ from moetier.bench import offload_figures
 from moetier.engine.engine import Engine
 from moetier.offload import executor as executor_module
 from moetier.offload.calibrate import host_to_device_gbps
+from moetier.trace.recorder import attach_recorder
 
 PROMPT = 512
 
@@ -116,6 +118,17 @@ def mailbox_switch(engine: Engine):
     return switch
 
 
+def recorder_switch(engine: Engine):
+    """`moetier bench` records the routing of every step (for its replayed hit rates): the recorder's copies
+    captured into the decode graphs and its per-step work, on against off. Each switch captures the graphs
+    again."""
+    recorder = attach_recorder(engine)
+
+    def switch(on: bool) -> None:
+        engine.runner.attach_recorder(recorder if on else None)
+    return switch
+
+
 def first_copy_switch(engine: Engine):
     executor = engine.executor
 
@@ -126,7 +139,7 @@ def first_copy_switch(engine: Engine):
 
 SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy_switch, "ahead": ahead_switch,
             "round-guess": round_guess_switch, "split": split_switch, "mailbox": mailbox_switch,
-            "first-copy": first_copy_switch}
+            "first-copy": first_copy_switch, "recorder": recorder_switch}
 
 
 def alternate(args: argparse.Namespace, engine: Engine, switch, step, tokens: int, h2d_gbps: float,

@@ -49,7 +49,7 @@ class Runner:
 
     def attach_recorder(self, recorder) -> None:
         """Makes every MoE layer report its routing to `recorder` (a MoELayer observer with an
-        end_step(scheduled) method); decode graphs are captured again so that they include it."""
+        end_step(scheduled) method; None: to none); decode graphs are captured again so that they include it."""
         for module in self.model.modules():
             if isinstance(module, MoELayer):
                 module.observer = recorder

@@ -47,7 +47,7 @@ from moetier.offload.copy_engine import CopyEngine, Event, make_copy_engine
 from moetier.offload.planner import SlotPlanner, spare_slots
 from moetier.offload.predict import Predictor
 from moetier.offload.prefetch import PrefetchWindow, running_average
-from moetier.offload.slots import SlotPool, TableUploads
+from moetier.offload.slots import SlotPool
 from moetier.offload.store import ExpertStore
 
 # The next layer is prefetched whole when this one needed at least 7/8 of its experts.
@@ -125,7 +125,6 @@ class OffloadedExecutor:
         self._calls = 0
         self.window = PrefetchWindow(self.copy_engine)
         self._ids_host = torch.empty(0, dtype=torch.int64)  # pinned on CUDA: where the routing lands
-        self._round_tables = TableUploads(self.spec.num_experts, device)
         self.gpu_first_copy = True  # in graphed decode, the GPU copies each layer's first miss itself
         self._first_copy: FirstMissCopy | None = None
         self._gpu_slot: tuple[int, int] | None = None  # (layer, slot) its first-miss kernel was told to fill
@@ -523,10 +522,7 @@ class OffloadedExecutor:
         """The round's expert -> slot table on the device (a new tensor, or copied `into` one): its experts'
         slots, and for every other expert slot -1 (skipped by the GEMV) or S (past the pool, left out by the
         grouped kernel)."""
-        host_E, upload = self._round_tables.next_row()
-        host_E.fill(-1 if self._gemv_sized(x_TD) else self.pool.num_slots)
-        host_E[experts] = [self.planner.slot_of[ExpertId(layer, e)] for e in experts]
-        return upload(into)
+        return self.pool.table_of(layer, experts, -1 if self._gemv_sized(x_TD) else self.pool.num_slots, into)
 
     def _compute_round(self, x_TD: torch.Tensor, routing: Routing, slots_E: torch.Tensor, out_A1D: torch.Tensor
                        ) -> None:

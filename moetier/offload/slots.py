@@ -45,13 +45,18 @@ class SlotPool:
         self.host_tables[expert.layer][expert.expert] = -1
         self._dirty.add(expert.layer)
 
+    def table_of(self, layer: int, experts: list[int], absent: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """An expert -> slot table on the device holding the slots of `experts` alone, `absent` for every other
+        expert (a new tensor, or copied `into` one): a round's, or a replay's that computes those experts."""
+        row_E, upload = self._uploads.next_row()
+        row_E.fill(absent)
+        row_E[experts] = self.host_tables[layer][experts]
+        return upload(into)
+
     def device_table_of(self, layer: int, experts: list[int]) -> None:
         """Uploads into the layer's device table the slots of `experts` alone (-1 for the others), for a
         replay that computes those; the next device_table() call uploads the whole table again."""
-        row_E, upload = self._uploads.next_row()
-        row_E.fill(-1)
-        row_E[experts] = self.host_tables[layer][experts]
-        upload(self.tables[layer])
+        self.table_of(layer, experts, -1, into=self.tables[layer])
         self._dirty.add(layer)
 
     def device_table(self, layer: int) -> torch.Tensor:

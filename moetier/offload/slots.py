@@ -26,7 +26,9 @@ class SlotPool:
         self.last_read: list[Event | None] = [None] * num_slots
         self.filled: list[Event | None] = [None] * num_slots  # the copy into the slot, until compute waited on it
         self._dirty: set[int] = set()
-        self._uploads = TableUploads(num_experts, device)
+        # every table upload: whole layers', replays' and the rounds' (a dozen a layer in wide steps), so a row
+        # comes round again only after several layers, long after its copy ran
+        self._uploads = TableUploads(num_experts, device, rows=128)
 
     @property
     def num_slots(self) -> int:

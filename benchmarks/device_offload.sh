@@ -10,6 +10,9 @@
 #                 (TESTS=0 skips them), OLMoE-1B-7B at 4 GiB and Qwen3-30B-A3B at 12 GiB
 #   STAGE=uniform-mixtral   Mixtral-8x7B at 24 GiB, the same way (one call: ~310 s)
 #   STAGE=uniform-40  Mixtral-8x7B at 40 GiB, and OLMoE served from disk (2 GiB host cap, dummy routers)
+#   STAGE=spread  why uniform Qwen3's batch-1 efficiency differs between processes: GPU tests (TESTS=0 skips
+#                 them), expert copies from a store-sized arena torch-pinned and on huge pages
+#                 (arena_copy_rate.py), bench's routing recorder on and off in one process (offload_ab.py)
 #   STAGE=predict GPU tests (TESTS=0 skips them), then where the copy engine idles with and without next-layer
 #                 prediction (benchmarks/profile_copy_gaps.py) for RUNS="shape:budget ..." (olmoe-1b-7b:4GiB):
 #                 the dummy routers, uniform and donor routing, batch 1 and 8
@@ -129,6 +132,21 @@ uniform-mixtral)
 uniform-40)
   offload olmoe_4gib_disk olmoe-1b-7b 4GiB 150 --cpu-memory 2GiB --batch-sizes 1 --output-len 16
   offload mixtral_40gib_uniform mixtral-8x7b 40GiB 420 --batch-sizes 1,8 --output-len 128 --routing synthetic:uniform
+  ;;
+spread)
+  if [ "${TESTS:-1}" = 1 ]; then
+    timeout 240 python3 -m pytest -q -p no:logging tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+    grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.log" | head -30
+  fi
+  for BACKING in torch huge; do
+    timeout 150 python3 benchmarks/arena_copy_rate.py --backing $BACKING >> "$OUT/arena_copy_rate.jsonl" 2> /tmp/arena.err \
+      || tail -3 /tmp/arena.err
+  done
+  cat "$OUT/arena_copy_rate.jsonl"
+  PYTHONPATH=$PWD:$PWD/benchmarks timeout 200 python3 benchmarks/offload_ab.py benchmarks/configs/qwen3-30b-a3b \
+    --gpu-memory 12GiB --routing synthetic:uniform --batch 1 --toggle recorder --rounds 3 --steps 16 \
+    --max-model-len 640 > "$OUT/ab_recorder.jsonl" 2> /tmp/ab.err || tail -3 /tmp/ab.err
+  cat "$OUT/ab_recorder.jsonl"
   ;;
 serve)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -348,7 +348,7 @@ def test_first_miss_copy_kernel_copies_what_the_planner_books():
     buffers = [arena.allocate(slot_bytes) for _ in range(experts)]
     for e, buffer in enumerate(buffers):
         buffer.copy_(torch.randint(0, 256, (slot_bytes,), dtype=torch.uint8))
-    rows = [[None if e == 6 else buffers[e] for e in range(experts)]]  # expert 6 on disk
+    rows = {0: [None if e == 6 else buffers[e] for e in range(experts)]}  # MoE layer 0; expert 6 on disk
     bank_SB = torch.zeros(slots, slot_bytes, dtype=torch.uint8, device="cuda")
     copier = FirstMissCopy(rows, arena.chunks, bank_SB)
     ids_TK = torch.zeros(2, 4, dtype=torch.int64, device="cuda")

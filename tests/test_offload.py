@@ -261,8 +261,8 @@ class _HostFirstMissCopy:
         self.executor = executor
         self.row = None
 
-    def command(self, index: int, slot: int, count: int, table_E) -> None:
-        self.row = (self.executor.moe_layers[index], slot, count, table_E.copy())
+    def command(self, layer: int, slot: int, count: int, table_E) -> None:
+        self.row = (layer, slot, count, table_E.copy())
 
     def launch(self, ids_TK: torch.Tensor) -> None:
         layer, slot, count, table_E = self.row

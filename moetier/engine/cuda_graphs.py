@@ -170,13 +170,11 @@ class _GraphBreaks:
 
     sync_free = True
 
-    def __init__(self, pool, predictor, mailbox: RoutingMailbox | None, first_copy: FirstMissCopy | None,
-                 moe_layers: list[int]):
+    def __init__(self, pool, predictor, mailbox: RoutingMailbox | None, first_copy: FirstMissCopy | None):
         self.pool = pool
         self.predictor = predictor
         self.mailbox = mailbox
         self.first_copy = first_copy  # with the mailbox: each layer's first miss copied right after its routing
-        self.index_of = {layer: i for i, layer in enumerate(moe_layers)}
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.calls: list[_ExpertCall] = []
 
@@ -188,7 +186,7 @@ class _GraphBreaks:
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         routing_region = None if self.mailbox is None else self.mailbox.publish(routing.topk_ids_TK)
         if routing_region is not None and self.first_copy is not None:
-            self.first_copy.capture(self.index_of[layer], routing.topk_ids_TK)
+            self.first_copy.capture(layer, routing.topk_ids_TK)
         guess_TK = None if self.predictor is None else self.predictor.predict(layer, x_TD)
         published = None
         if routing_region is not None:
@@ -226,9 +224,10 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
                 self.model(batch, self.kv_cache.layers)  # warm-up with the real executor
                 torch.cuda.synchronize(device)
                 mailbox = self._mailbox(size, len(moe_layers), device)
-                first_copy = self.first_copy if mailbox is not None and size <= GEMV_MAX_TOKENS else None
-                breaks = _GraphBreaks(pool, self.executor.predictor if self.offloaded else None, mailbox, first_copy,
-                                      [m.layer for m in moe_layers])
+                if mailbox is not None:
+                    self.mailboxes[size] = mailbox
+                breaks = _GraphBreaks(pool, self.executor.predictor if self.offloaded else None, mailbox,
+                                      self._first_copy_in(size))
                 for layer in moe_layers:
                     layer.executor = breaks
                 try:
@@ -245,8 +244,6 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
                                                                          call.y_TD, compute_pool)
             torch.cuda.current_stream(device).wait_stream(stream)
             self.graphs[size], self.calls[size] = breaks.graphs, breaks.calls
-            if mailbox is not None:
-                self.mailboxes[size] = mailbox
 
     def _mailbox(self, size: int, moe_layers: int, device: torch.device) -> RoutingMailbox | None:
         """Room for each MoE layer's routing and guess at this size, for the offloaded executor (which reads
@@ -255,10 +252,14 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
             return None
         return RoutingMailbox(2 * moe_layers * size * self.executor.spec.top_k, device)
 
+    def _first_copy_in(self, size: int) -> FirstMissCopy | None:
+        """The first-miss kernels of this size's pieces: at GEMV sizes, after a mailbox's routing."""
+        return self.first_copy if size in self.mailboxes and size <= GEMV_MAX_TOKENS else None
+
     @torch.inference_mode()  # the pieces' outputs are inference tensors; the executor writes them
     def _replay(self, size: int, n: int) -> torch.Tensor:
         pieces, calls = self.graphs[size], self.calls[size]
-        first_copy = self.first_copy is not None and size in self.mailboxes and size <= GEMV_MAX_TOKENS
+        first_copy = self._first_copy_in(size) is not None
         if size in self.mailboxes:
             self.mailboxes[size].arm()  # before the launches that publish into it
         for i, graph in enumerate(pieces):

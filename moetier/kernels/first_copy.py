@@ -60,24 +60,26 @@ if triton is not None:
 
 
 class FirstMissCopy:
-    def __init__(self, host_buffers_LE: list[list[torch.Tensor | None]], arena_chunks: list[torch.Tensor],
+    def __init__(self, host_buffers: dict[int, list[torch.Tensor | None]], arena_chunks: list[torch.Tensor],
                  bank_SB: torch.Tensor):
-        """host_buffers_LE: per MoE layer (in order) and expert, its bytes in the pinned arena (None: on disk);
-        arena_chunks: the arena's chunks (offsets are taken from the lowest); bank_SB: the device slots' bytes."""
-        num_layers, num_experts = len(host_buffers_LE), len(host_buffers_LE[0])
+        """host_buffers: per MoE layer, each expert's bytes in the pinned arena (None: on disk); arena_chunks:
+        the arena's chunks (offsets are taken from the lowest); bank_SB: the device slots' bytes."""
+        self.row_of = {layer: i for i, layer in enumerate(host_buffers)}  # MoE layer -> its command row
+        num_experts = len(next(iter(host_buffers.values())))
         self.num_experts = num_experts
         self.words = bank_SB.shape[1] // 4
         self.device = bank_SB.device
         self.arena_W = min(arena_chunks, key=torch.Tensor.data_ptr).view(torch.int32)
         base = self.arena_W.data_ptr()
-        offsets = [[NOT_IN_ARENA if b is None else (b.data_ptr() - base) // 4 for b in row] for row in host_buffers_LE]
+        offsets = [[NOT_IN_ARENA if b is None else (b.data_ptr() - base) // 4 for b in row]
+                   for row in host_buffers.values()]
         self.offsets_LE = torch.tensor(offsets, dtype=torch.int64, device=self.device)
         self.bank_W = bank_SB.view(torch.int32).view(-1)
-        self.commands = torch.full((num_layers, TABLE + num_experts), -1, dtype=torch.int64, pin_memory=True)
+        self.commands = torch.full((len(host_buffers), TABLE + num_experts), -1, dtype=torch.int64, pin_memory=True)
         self.rows = self.commands.numpy()
         self.programs = torch.cuda.get_device_properties(self.device).multi_processor_count
         # compiled now, outside any capture: a command of slot -1 copies nothing
-        self._launch(0, torch.zeros(1, dtype=torch.int64, device=self.device))
+        self._launch(0, torch.zeros(1, dtype=torch.int64, device=self.device))  # row 0 is still all -1
         torch.cuda.synchronize(self.device)
 
     @staticmethod
@@ -86,18 +88,18 @@ class FirstMissCopy:
         return (triton is not None and bank_SB.is_cuda and bank_SB.shape[1] % 16 == 0 and bool(arena_chunks)
                 and arena_chunks[0].is_pinned())
 
-    def capture(self, index: int, ids: torch.Tensor) -> None:
-        """Enqueues the kernel of the `index`-th MoE layer over its routing ids (contiguous int64)."""
-        self._launch(index, ids)
+    def capture(self, layer: int, ids: torch.Tensor) -> None:
+        """Enqueues the kernel of MoE layer `layer` over its routing ids (contiguous int64)."""
+        self._launch(self.row_of[layer], ids)
 
-    def command(self, index: int, slot: int, count: int, table_E) -> None:
-        """What the `index`-th MoE layer's kernel does next: fill `slot` (-1: nothing) with the first expert
-        of the first `count` routing ids whose `table_E` entry is -1. Before the launch of its graph."""
-        row = self.rows[index]
+    def command(self, layer: int, slot: int, count: int, table_E) -> None:
+        """What MoE layer `layer`'s kernel does next: fill `slot` (-1: nothing) with the first expert of the
+        first `count` routing ids whose `table_E` entry is -1. Before the launch of its graph."""
+        row = self.rows[self.row_of[layer]]
         row[0], row[1] = slot, count
         row[TABLE:] = table_E
 
-    def _launch(self, index: int, ids: torch.Tensor) -> None:
+    def _launch(self, row: int, ids: torch.Tensor) -> None:
         _first_miss_copy_kernel[(self.programs,)](
-            ids, self.commands[index], self.offsets_LE[index], self.arena_W, self.bank_W, self.num_experts, self.words,
+            ids, self.commands[row], self.offsets_LE[row], self.arena_W, self.bank_W, self.num_experts, self.words,
             IDS=IDS_BLOCK, BLOCK=COPY_BLOCK)

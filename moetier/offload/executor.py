@@ -75,8 +75,9 @@ SPLIT_MIN_LOADS = 3
 # an expert is at most this large: its kernel reads pinned memory at ~43 GB/s against the copy engine's ~54,
 # and starts ~45 us sooner (the host's poll, booking and copy call, on the device H100:
 # benchmarks/zero_copy_rate.py, first_copy_probe.py), so it lands a lone miss sooner up to
-# 45 us * 43 * 54 / (54 - 43) GB/s = 9.5 MB (a Qwen3-30B-A3B expert is 9.4 MB, an OLMoE-1B-7B one 12.6). At larger batch sizes a step's hits compute while its misses
-# stream in, and the kernel, on the compute stream, would hold them back.
+# 45 us * 43 * 54 / (54 - 43) GB/s = 9.5 MB (a Qwen3-30B-A3B expert is 9.4 MB, an OLMoE-1B-7B one 12.6).
+# At larger batch sizes a step's hits compute while its misses stream in, and the kernel, on the compute
+# stream, would hold them back.
 FIRST_COPY_MAX_BYTES = 9_500_000
 # Up to this many routed ids (decode steps) a Python set finds the distinct ones faster than np.unique.
 DISTINCT_BY_SET_MAX = 256
@@ -94,7 +95,6 @@ class OffloadedExecutor:
         self.layout = ExpertLayout(model_spec.hidden_size, self.spec.intermediate_size, dtype, self.spec.expert_bias)
         self.moe_layers = tuple(model_spec.moe_layer_ids)
         self.next_layer = dict(zip(self.moe_layers, self.moe_layers[1:]))  # the MoE layer after each but the last
-        self._layer_index = {layer: i for i, layer in enumerate(self.moe_layers)}
         self.store = ExpertStore(self.layout, self.moe_layers, self.spec.num_experts, host_experts=host_experts,
                                  disk_key=disk_key)
         self.pool = SlotPool(num_slots, self.layout, self.moe_layers, self.spec.num_experts, device)
@@ -308,8 +308,8 @@ class OffloadedExecutor:
         if self.layout.slot_bytes > FIRST_COPY_MAX_BYTES:
             return None
         if self._first_copy is None and FirstMissCopy.supported(self.pool.bank.bytes_SB, self.store.arena.chunks):
-            buffers = [[self.store.buffers.get(ExpertId(layer, e)) for e in range(self.spec.num_experts)]
-                       for layer in self.moe_layers]
+            buffers = {layer: [self.store.buffers.get(ExpertId(layer, e)) for e in range(self.spec.num_experts)]
+                       for layer in self.moe_layers}
             self._first_copy = FirstMissCopy(buffers, self.store.arena.chunks, self.pool.bank.bytes_SB)
         return self._first_copy
 
@@ -321,7 +321,7 @@ class OffloadedExecutor:
         slot = free[0] if free and self.gpu_first_copy else -1
         if slot >= 0 and filled[slot] is not None and not filled[slot].query():
             slot = -1
-        self._first_copy.command(self._layer_index[layer], slot, count, self.pool.host_tables[layer])
+        self._first_copy.command(layer, slot, count, self.pool.host_tables[layer])
         self._gpu_slot = (layer, slot)
 
     def _copied_by_gpu(self, layer: int, claimed: list[tuple[int, int]]) -> int:

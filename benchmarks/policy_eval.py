@@ -54,10 +54,16 @@ PROMPT, MAX_BATCH, OFFSET = 512, 8, 30
 PHASES = (("b1", 1, 1), ("b8", 2, 16), ("pf", 17, 1 << 30))
 
 
-def bench_steps(name: str, output_len: int) -> RoutingTrace:
-    """The routing trace of `moetier bench` on a tiny model of the shape (CPU, resident, dummy weights)."""
+def tiny_config(name: str) -> dict:
+    """The shape's config (its MoE layers, experts and top_k) with TINY's sizes."""
     config = json.loads((BENCH / "configs" / name / "config.json").read_text())
     config.update({k: v for k, v in TINY.items() if k in config or k == "head_dim"})
+    return config
+
+
+def bench_steps(name: str, output_len: int) -> RoutingTrace:
+    """The routing trace of `moetier bench` on a tiny model of the shape (CPU, resident, dummy weights)."""
+    config = tiny_config(name)
     with tempfile.TemporaryDirectory() as model_dir:
         (Path(model_dir) / "config.json").write_text(json.dumps(config))
         llm = LLM(model_dir, load_format="dummy", dtype="float32", device="cpu", max_num_seqs=MAX_BATCH,

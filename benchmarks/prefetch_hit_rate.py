@@ -21,21 +21,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from policy_eval import tiny_config
+
 from moetier.bench import measure_decode, measure_prefill, offload_summary
 from moetier.llm import LLM
 from moetier.trace.recorder import attach_recorder
 from moetier.trace.replay import replay_routing, routing_trace_for
 
-BENCH = Path(__file__).resolve().parent
 SHAPES = {"mixtral": ("mixtral-8x7b", 55), "olmoe": ("olmoe-1b-7b", 53), "qwen3": ("qwen3-30b-a3b", 776)}
-TINY = {"hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 32, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "torch_dtype": "float32"}
 PROMPT, BATCHES = 512, (1, 8)
 
 
 def run(name: str, slots: int, output_len: int, prefetch: bool) -> dict:
-    config = json.loads((BENCH / "configs" / name / "config.json").read_text())
-    config.update({k: v for k, v in TINY.items() if k in config or k == "head_dim"})
+    config = tiny_config(name)
     with tempfile.TemporaryDirectory() as model_dir:
         (Path(model_dir) / "config.json").write_text(json.dumps(config))
         llm = LLM(model_dir, load_format="dummy", dtype="float32", device="cpu", max_num_seqs=max(BATCHES),

@@ -6,6 +6,8 @@ call reading other experts than the last so that the 50 MB L2 holds none of them
     python benchmarks/gemv_sweep.py --dense    # the dense decode GEMVs alone: cuBLAS and dense_gemv
     python benchmarks/gemv_sweep.py --one-active  # one token, one of its top-k rows computed, the others
                                                   # skipped: an offloaded step's last round (executor.py)
+    python benchmarks/gemv_sweep.py --compare     # a few tiles per expert shape at all three: batch 1, batch 8,
+                                                  # one active (a tile serves them all: results stay bitwise)
 """
 
 import functools
@@ -115,15 +117,37 @@ def one_active_sweep() -> None:
         for tile in tile_grid(block_ns=(1, 2, 4, 8)):
             calls, nbytes = expert_calls(shape, 1, *tile, one_active=True)
             results.append((graph_time_s(calls), tile, nbytes))
-        block_n, warps, stages = _TILES[shape[3]]
-        for t, tile, nbytes in sorted(results)[:5] + [r for r in results if r[1] == (block_n, 256, warps, stages)]:
+        for t, tile, nbytes in sorted(results)[:5] + [r for r in results if r[1] == _TILES[shape[3]]]:
             print(json.dumps({"kernel": "expert_gemv", "shape": name, "one_active": True, "tile": tile,
                               "us": round(t * 1e6, 2), "gbps": round(nbytes / t / 1e9, 1)}), flush=True)
+
+
+# (BLOCK_N, BLOCK_K, warps, stages) compared at every decode use, by whether the input is a [gate | up] pair
+COMPARED_TILES = {
+    False: [(8, 256, 4, 1), (4, 1024, 8, 1), (4, 1024, 4, 3), (4, 1024, 4, 1), (8, 512, 8, 3), (2, 1024, 4, 1),
+            (2, 1024, 8, 1)],
+    True: [(4, 256, 2, 3), (8, 1024, 8, 3), (8, 256, 4, 3), (8, 256, 4, 1), (4, 1024, 8, 3), (4, 512, 4, 3)],
+}
+
+
+def compare_tiles() -> None:
+    """Microseconds per call of each compared tile at batch 1 and 8 (every row computed) and one active row."""
+    for name, shape in EXPERT_SHAPES.items():
+        for tile in COMPARED_TILES[shape[3]]:
+            row = {"kernel": "expert_gemv", "shape": name, "tile": tile}
+            for label, tokens, one_active in (("b1", 1, False), ("b8", 8, False), ("one_active", 1, True)):
+                calls, _ = expert_calls(shape, tokens, *tile, one_active=one_active)
+                row[label + "_us"] = round(graph_time_s(calls) * 1e6, 2)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
     if "--one-active" in sys.argv:
         one_active_sweep()
+        return
+    if "--compare" in sys.argv:
+        compare_tiles()
         return
     dense_only = "--dense" in sys.argv
     for tokens in (1, 8):

@@ -2,11 +2,12 @@
 time that the GPU, not the host, spends): a torch.profiler trace of two offloaded decode steps (or, with
 --prefill N, of one N-token prefill after a warm-up one); per gap, the kernels and small copies by name
 (calls, microseconds), the GPU's idle time between them, and the time from the last of them to the next
-expert copy (routing read, host planning, launch); the copies' busy time and span. With --timelines N,
-also N gaps of about the median length, op by op, with the CUDA runtime calls the host made in them.
+expert copy (routing read, host planning, launch); the copies' busy time and span; the idle time by gap
+length. With --timelines N, also N gaps of about the median length, op by op, with the CUDA runtime calls the
+host made in them (--largest: the N longest gaps instead).
 
     python benchmarks/gpu_tail_probe.py benchmarks/configs/qwen3-30b-a3b --gpu-memory 12GiB \
-        --routing synthetic:uniform [--prefill 512] [--timelines 3]
+        --routing synthetic:uniform [--prefill 512] [--timelines 3 [--largest]]
 """
 
 import argparse
@@ -61,20 +62,31 @@ def tail_by_op(events: list[dict]) -> dict:
             "gaps": gaps, "gap_us_mean": round(gap_us / per_gap, 1),
             "gap_us_median": round(sorted(gap_list)[gaps // 2], 1) if gaps else 0.0,
             "gap_us_largest": [round(g) for g in sorted(gap_list)[-4:]],
+            "gap_us_by_length": gaps_by_length(gap_list),
             "gpu_idle_between_ops_us_per_gap": round(idle_us / per_gap, 1),
             "last_op_to_next_copy_us_per_gap": round(to_next_copy_us / per_gap, 1),
             "ops_per_gap": {name: [round(calls / per_gap, 2), round(us / per_gap, 1)] for name, (calls, us) in top}}
 
 
-def gap_timelines(events: list[dict], count: int) -> list[list]:
-    """`count` gaps around the median length, each as [gap us, then (start us from the gap's start, duration
+def gaps_by_length(gap_list: list[float]) -> dict:
+    """Gaps and their summed microseconds per length bucket: where the idle time concentrates."""
+    edges = [0, 100, 200, 400, 1000, float("inf")]
+    buckets = {}
+    for low, high in itertools.pairwise(edges):
+        inside = [g for g in gap_list if low <= g < high]
+        buckets[f"{low}-{high}"] = [len(inside), round(sum(inside))]
+    return buckets
+
+
+def gap_timelines(events: list[dict], count: int, largest: bool = False) -> list[list]:
+    """`count` gaps around the median length (or the longest), each as [gap us, then (start us from the gap's start, duration
     us, name) of every GPU op and CUDA runtime call in it, in start order]: which kernel or host call the
     copy engine waits for."""
     timed = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset", "cuda_runtime")
                     and not is_expert_copy(e) and "dur" in e), key=lambda e: e["ts"])
     gaps = sorted(((start - end, end, start) for end, start in copy_gaps(expert_copies(events))), key=lambda g: g[0])
     middle = len(gaps) // 2
-    picked = gaps[max(0, middle - count // 2): middle - count // 2 + count]
+    picked = gaps[-count:] if largest else gaps[max(0, middle - count // 2): middle - count // 2 + count]
     return [[round(length)] + [(round(e["ts"] - end, 1), round(e["dur"], 1), e["name"][:48])
                                for e in timed if end - 5 <= e["ts"] < start]
             for length, end, start in picked]
@@ -85,6 +97,7 @@ def main() -> None:
     add_arguments(parser)
     parser.add_argument("--prefill", type=int, default=0, help="profile a prefill of this many tokens instead")
     parser.add_argument("--timelines", type=int, default=0, help="also print this many gaps' timelines")
+    parser.add_argument("--largest", action="store_true", help="the timelines of the longest gaps, not the median ones")
     args = parser.parse_args()
     llm = load(args, max(577, args.prefill + 1))
     engine = llm.engine
@@ -112,7 +125,7 @@ def main() -> None:
             events = json.load(f)["traceEvents"]
     print(json.dumps({"model": args.model, "routing": args.routing, "batch": args.batch, "prefill": args.prefill,
                       **tail_by_op(events)}))
-    for timeline in gap_timelines(events, args.timelines):
+    for timeline in gap_timelines(events, args.timelines, args.largest):
         print(json.dumps(timeline))
 
 

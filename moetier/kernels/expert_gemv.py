@@ -49,11 +49,14 @@ if triton is not None:
         tl.store(out_ptr + a.to(tl.int64) * stride_out + n, acc.to(out_ptr.dtype.element_ty), mask=n < N)
 
 
-# (BLOCK_N, warps, stages) by whether the input is a [gate | up] pair (the down projection), from
-# benchmarks/gemv_sweep.py on the H100 at the Qwen3-30B-A3B and OLMoE shapes: 86-91% of the HBM
-# bandwidth for gate_up and 76-82% for the (shorter) down rows at batch 1, against 74% / 67% for
-# the 16-row tile used before; within 1% of each shape's best tile at batches 1 and 8.
-_TILES = {False: (8, 4, 1), True: (4, 2, 3)}
+# (BLOCK_N, BLOCK_K, warps, stages) by whether the input is a [gate | up] pair (the down projection), from
+# benchmarks/gemv_sweep.py --compare on the H100 at the Qwen3-30B-A3B and OLMoE shapes. One tile serves
+# every call (its sum order is the tile's: resident and offloaded steps stay bitwise equal), so it is chosen
+# for three uses: batch 1 and batch 8 with every row computed, and one row of 8 (an offloaded step's last
+# expert, computed after its copy lands, between the copy engine and the next layer's routing). gate_up:
+# 19.3 / 132.7 / 7.5 us at Qwen3 (the 8-row, 256-wide tile before: 21.0 / 134.9 / 12.1); down: 11.6 / 68.6 /
+# 4.9 (the 4-row, 2-warp one: 11.3 / 68.8 / 6.9).
+_TILES = {False: (2, 1024, 4, 1), True: (8, 256, 4, 3)}
 
 
 def expert_gemv(x_RK: torch.Tensor, w_SNK: torch.Tensor, slots_A: torch.Tensor, rows_per_input: int,
@@ -67,12 +70,12 @@ def expert_gemv(x_RK: torch.Tensor, w_SNK: torch.Tensor, slots_A: torch.Tensor, 
     if out_AN is None:
         out_AN = torch.empty(num_assignments, n, dtype=x_RK.dtype, device=x_RK.device)
     assert out_AN.shape == (num_assignments, n) and out_AN.stride(1) == 1
-    block_n, warps, stages = _TILES[swiglu]
+    block_n, block_k, warps, stages = _TILES[swiglu]
     _expert_gemv_kernel[(num_assignments, triton.cdiv(n, block_n))](
         x_RK, w_SNK, slots_A, out_AN,
         x_RK.stride(0), w_SNK.stride(0), w_SNK.stride(1), out_AN.stride(0),
         n, k, rows_per_input,
-        SWIGLU=swiglu, DENSE=False, BLOCK_N=block_n, BLOCK_K=256, num_warps=warps, num_stages=stages,
+        SWIGLU=swiglu, DENSE=False, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
     return out_AN
 

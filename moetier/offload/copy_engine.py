@@ -1,7 +1,9 @@
 """Copy engines: host -> device expert copies that run beside compute, ordered by events.
 
-The interface is six calls. `copy(dst, src, after)` starts a copy once the reader event `after`
-(the last kernel that read dst) has completed and returns the copy's event; `wait(events)` makes
+The interface is six calls. `copy(dst, src, after, timed)` starts a copy once the reader event `after`
+(the last kernel that read dst) has completed and returns the copy's event (a timing one only if
+`timed`: one after every copy slowed back-to-back 9.4 MB copies from 53.8 to 53.5 GB/s on the device H100,
+benchmarks/copy_events.py); `wait(events)` makes
 compute wait for copies, and `stall_seconds()` says how long it stood still for them;
 `synchronize(event)` blocks the host until a copy has completed (before its source is
 overwritten); `mark_read(buffers)` returns an event recorded after the compute issued so far, which
@@ -41,7 +43,7 @@ class Event(Protocol):
 
 
 class CopyEngine(Protocol):
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event: ...
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None, timed: bool = False) -> Event: ...
 
     def issuing(self) -> ContextManager[None]: ...
 
@@ -121,9 +123,9 @@ class CudaCopyEngine:
             batch, self._batch = self._batch, None
             batch.close()
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None, timed: bool = False) -> Event:
         if self.memcpy is None:
-            return self._copy_through_torch(dst, src, after)
+            return self._copy_through_torch(dst, src, after, timed)
         # A reader that completed needs no wait: after the routing read, every one recorded before it (a
         # stream wait cost ~6 us of host time before a layer's first copy, and its launch ~2 us more).
         if after is not None and after is not self._waited and not after.query():
@@ -133,12 +135,12 @@ class CudaCopyEngine:
         if dst.nbytes != src.nbytes:
             raise ValueError(f"copy of {src.nbytes} bytes into {dst.nbytes}")
         self.memcpy(dst.data_ptr(), src.data_ptr(), dst.nbytes, self.stream.cuda_stream)
-        return self._copied()
+        return self._copied(timed)
 
-    def _copy_through_torch(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event:
+    def _copy_through_torch(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None, timed: bool) -> Event:
         if self._batch is None:
             with self.issuing():
-                return self._copy_through_torch(dst, src, after)
+                return self._copy_through_torch(dst, src, after, timed)
         if self._waited is None:  # the batch's first copy
             self._batch.enter_context(torch.cuda.stream(self.stream))
             self._waited = _NOTHING_WAITED
@@ -146,10 +148,10 @@ class CudaCopyEngine:
             self.stream.wait_event(after)
             self._waited = after
         dst.copy_(src, non_blocking=True)
-        return self._copied()
+        return self._copied(timed)
 
-    def _copied(self) -> Event:
-        done = torch.cuda.Event(enable_timing=True)  # a layer's first copy starts its copies' timing (prefetch.py)
+    def _copied(self, timed: bool) -> Event:
+        done = torch.cuda.Event(enable_timing=timed)
         done.record(self.stream)
         return done
 
@@ -223,7 +225,7 @@ class DelayedCopyEngine:
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None  # started by the first copy
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None, timed: bool = False) -> Event:
         reader = self._last_reader.get(dst.data_ptr())
         if reader is not None and reader is not after:
             self.violations.append(f"buffer at {dst.data_ptr():#x} refilled without waiting for its last reader")

@@ -342,16 +342,18 @@ class OffloadedExecutor:
         return 1
 
     def _copy_claimed(self, layer: int, claimed: list[tuple[int, int]]) -> Event | None:
-        """Starts the copies of the misses claim_free booked into free slots; the first one's event."""
+        """Starts the copies of the misses claim_free booked into free slots; the first one's event, a timing
+        one: the layer's other copies are timed from it (PrefetchWindow.copies_start)."""
         if not claimed:
             return None
         with self.copy_engine.issuing():
-            for e, slot in claimed:
-                self._copy_into(ExpertId(layer, e), slot, None)
+            for i, (e, slot) in enumerate(claimed):
+                self._copy_into(ExpertId(layer, e), slot, None, timed=i == 0)
         return self.pool.filled[claimed[0][1]]
 
-    def _copy_into(self, expert: ExpertId, slot: int, evicted: ExpertId | None) -> None:
-        filled = self.store.copy_in(expert, self.pool.slot_bytes_S[slot], self.copy_engine, self.pool.last_read[slot])
+    def _copy_into(self, expert: ExpertId, slot: int, evicted: ExpertId | None, timed: bool = False) -> None:
+        filled = self.store.copy_in(expert, self.pool.slot_bytes_S[slot], self.copy_engine, self.pool.last_read[slot],
+                                    timed)
         self.pool.assign(slot, expert, evicted, filled)
 
     def _plan_and_copy(self, layer: int, experts: list[int], keep: frozenset[ExpertId] = frozenset(),

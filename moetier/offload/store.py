@@ -85,12 +85,13 @@ class ExpertStore:
             del self.parts[expert]
         self.disk.finish_writing()
 
-    def copy_in(self, expert: ExpertId, dst: torch.Tensor, copy_engine: CopyEngine, after: Event | None) -> Event:
+    def copy_in(self, expert: ExpertId, dst: torch.Tensor, copy_engine: CopyEngine, after: Event | None,
+                timed: bool = False) -> Event:
         """Starts the copy of `expert` into the device slot bytes `dst` once `after` (the slot's last
-        reader) has completed; returns the copy's event. A disk expert is first read (on the host)
-        into a staging buffer whose previous copy has completed."""
+        reader) has completed; returns the copy's event (a timing one if `timed`). A disk expert is first
+        read (on the host) into a staging buffer whose previous copy has completed."""
         if expert in self.buffers:
-            return copy_engine.copy(dst, self.buffers[expert], after)
+            return copy_engine.copy(dst, self.buffers[expert], after, timed)
         if self.disk.writable:
             raise RuntimeError("disk experts are read only after finish_loading")
         i = self._take_staging(copy_engine)
@@ -98,7 +99,7 @@ class ExpertStore:
         self.disk.read_into(self.disk_index[expert], self.staging[i])
         self.disk_read_s += time.perf_counter() - start
         self.disk_bytes_read += self.disk.stride  # whole blocks: what the disk actually reads
-        self._staging_used[i] = copy_engine.copy(dst, self.staging[i][: self.layout.slot_bytes], after)
+        self._staging_used[i] = copy_engine.copy(dst, self.staging[i][: self.layout.slot_bytes], after, timed)
         return self._staging_used[i]
 
     def expert_part(self, expert: ExpertId, part: str) -> torch.Tensor | None:

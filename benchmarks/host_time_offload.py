@@ -6,7 +6,8 @@ executor function, and a cProfile of a few steps.
 
 Prefills one 512-token prompt per sequence, times 16 decode steps plainly, then 16 more with a
 perf_counter wrapper around the executor's stages (run, the routing read and its sync, planning and
-copies, compute, next-layer prefetch, the predictor) and the piecewise graphs' replay; prints their
+copies, compute, next-layer prefetch, the predictor), the calls they make into the planner, the slot pool,
+the copy engine and the prefetch window, and the piecewise graphs' replay; prints their
 host microseconds per MoE layer step as one JSON line (the wrappers add ~1 us each), then a cProfile
 of 8 steps by self time. Where `run` minus the sync wait approaches the step time per layer, the
 host, not the copy engine, sets the pace.
@@ -28,16 +29,17 @@ from moetier import SamplingParams
 STEPS = 16
 
 
-def time_calls(owner, name: str, seconds: defaultdict) -> None:
-    """Replaces owner.name by a wrapper that adds its wall time to seconds[name]."""
+def time_calls(owner, name: str, seconds: defaultdict, prefix: str = "") -> None:
+    """Replaces owner.name by a wrapper that adds its wall time to seconds[prefix + name]."""
     call = getattr(owner, name)
+    key = prefix + name
 
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
             return call(*args, **kwargs)
         finally:
-            seconds[name] += time.perf_counter() - start
+            seconds[key] += time.perf_counter() - start
 
     setattr(owner, name, wrapper)
 
@@ -78,11 +80,17 @@ def main() -> None:
     plain_s = work(steps)
     seconds: defaultdict[str, float] = defaultdict(float)
     for name in ("run", "_read_routing", "_plan_and_copy", "_compute_all", "_compute_in_rounds", "_compute_round",
-                 "_round_slots", "_prefetch_next", "_wait_for_copies", "_mark_read", "_score_guess"):
+                 "_round_slots", "_prefetch_next", "_wait_for_copies", "_mark_read", "_score_guess", "_copy_claimed",
+                 "_copied_by_gpu", "_split_at_last_copy", "_fold_in_timings", "_copy_into", "command_first_copy"):
         time_calls(executor, name, seconds)
-    time_calls(executor.planner, "access", seconds)
-    time_calls(executor.window, "measure", seconds)
-    time_calls(executor.window, "copies_start", seconds)
+    for name in ("access", "claim_free", "end_step", "start_round"):
+        time_calls(executor.planner, name, seconds, "planner.")
+    for name in ("table_of", "device_table", "assign"):
+        time_calls(executor.pool, name, seconds, "pool.")
+    for name in ("copy", "wait", "mark_read", "marker"):
+        time_calls(executor.copy_engine, name, seconds, "copy_engine.")
+    for name in ("copies_start", "window_ends", "copies_issued"):
+        time_calls(executor.window, name, seconds, "window.")
     if executor.predictor is not None:
         time_calls(executor.predictor, "predict", seconds)
     time_calls(engine, "step", seconds)

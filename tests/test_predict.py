@@ -88,7 +88,7 @@ class _Clock:
 
 
 def _layer(window: PrefetchWindow, copies: int, first: bool = False) -> None:
-    window.measure()  # after the routing read
+    window.measure()  # before the routing read, as the executor does
     window.copies_start(None)
     window.window_ends(first_layer=first)
     window.copies_issued(copies)

@@ -94,14 +94,28 @@ def runtime_memcpy() -> Callable[[int, int, int, int], None] | None:
     return copy
 
 
+_streams_by_id: dict[tuple[int, int], torch.cuda.Stream] = {}
+
+
+def current_stream(device_index: int) -> torch.cuda.Stream:
+    """torch.cuda.current_stream(device_index) without making a Stream object each call (inside a device
+    context: ~6 us of host time a call on the device H100, several calls a MoE layer,
+    benchmarks/host_call_costs.py): the objects are kept by stream id."""
+    key = (device_index, torch._C._cuda_getCurrentStream(device_index)[0])
+    stream = _streams_by_id.get(key)
+    if stream is None:
+        stream = _streams_by_id[key] = torch.cuda.current_stream(device_index)
+    return stream
+
+
 class CudaCopyEngine:
     def __init__(self, device: torch.device):
-        # An int: torch.cuda.current_stream(torch.device) resolves the device through a slow path
-        # (~15 us a call, several calls per MoE layer).
+        # An int: torch.cuda.current_stream(torch.device) resolves the device through a slow path.
         self.device_index = device.index if device.index is not None else torch.cuda.current_device()
         self.stream = torch.cuda.Stream(device)
         self.memcpy = runtime_memcpy()  # None: torch's copy_ on the copy stream made current
         self._stalls: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._spare_pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # read stall pairs, recorded again
         self._batch: contextlib.ExitStack | None = None  # while issuing through torch: holds the copy stream once current
         self._waited: Event | None = None  # the reader event the stream last waited for
 
@@ -160,8 +174,11 @@ class CudaCopyEngine:
         how long it stood still (it has nothing else queued between them)."""
         if not events:
             return
-        stream = torch.cuda.current_stream(self.device_index)
-        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        stream = current_stream(self.device_index)
+        if self._spare_pairs:  # recording an event again costs a third of making one
+            before, after = self._spare_pairs.pop()
+        else:
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         before.record(stream)
         for event in events:
             stream.wait_event(event)
@@ -173,6 +190,7 @@ class CudaCopyEngine:
         while self._stalls and self._stalls[0][1].query():
             before, after = self._stalls.popleft()
             seconds += before.elapsed_time(after) / 1e3
+            self._spare_pairs.append((before, after))
         return seconds
 
     def synchronize(self, event: Event) -> None:
@@ -180,12 +198,12 @@ class CudaCopyEngine:
 
     def mark_read(self, buffers: list[torch.Tensor]) -> Event:
         event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device_index))
+        event.record(current_stream(self.device_index))
         return event
 
     def marker(self, on_copies: bool) -> Event:
         event = torch.cuda.Event(enable_timing=True)
-        event.record(self.stream if on_copies else torch.cuda.current_stream(self.device_index))
+        event.record(self.stream if on_copies else current_stream(self.device_index))
         return event
 
     def elapsed(self, start: Event, end: Event) -> float:

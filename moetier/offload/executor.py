@@ -146,6 +146,7 @@ class OffloadedExecutor:
         replayed for every round; and `published`, where that graph writes the routing and the guess on
         the host."""
         captured = compute if isinstance(compute, CapturedRound) else None
+        self._fold_in_timings()
         if not self._predicting():
             guess_TK = None
         elif guess_TK is None:
@@ -166,8 +167,6 @@ class OffloadedExecutor:
         self.planner.access(layer, needed)
         hits, loads = self._plan_and_copy(layer, needed, copied=len(claimed))
         self.window.copies_issued(len(loads) - by_gpu - (first_copy is not None))
-        # Host work that the copies need not wait for comes after they started.
-        self.window.measure()
         self._score_guess(layer, needed)
         ready = sorted(hits + loads)
         fits = len(ready) == len(needed)
@@ -458,6 +457,13 @@ class OffloadedExecutor:
                 pending.append(self.pool.filled[slot])
                 self.pool.filled[slot] = None
         self.copy_engine.wait(pending)
+
+    def _fold_in_timings(self) -> None:
+        """The copy timings and compute stalls whose events have completed, folded into their figures before
+        the routing read, where the host would wait anyway: not between a layer's routing read and the
+        launch of the next layer's graph, where a host late for the GPU holds it back (at batch 1, the host
+        time of that stretch nears a layer's copy time on a slow host)."""
+        self.window.measure()
         self.copy_wait_s += self.copy_engine.stall_seconds()
 
     def _mark_read(self, layer: int, experts: list[int]) -> None:
@@ -543,7 +549,7 @@ class OffloadedExecutor:
     # --- stats ------------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        self.copy_wait_s += self.copy_engine.stall_seconds()
+        self._fold_in_timings()
         hits, misses = sum(self.hits.values()), sum(self.misses.values())
         return {
             "executor": "offloaded",

@@ -55,8 +55,8 @@ class PrefetchWindow:
         self._pending = [m for m in self._pending if m[0] == "window"]
 
     def measure(self) -> None:
-        """Folds in the measurements whose events have completed (after a routing read, all but the
-        last layer's copies have)."""
+        """Folds in the measurements whose events have completed (the executor calls it before each routing
+        read: the last layer's copies may still be running, and are folded in a layer later)."""
         waiting = []
         for kind, start, end, count in self._pending:
             if not (start.query() and end.query()):

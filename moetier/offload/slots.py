@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from moetier.moe.experts import ExpertBank, ExpertId, ExpertLayout
-from moetier.offload.copy_engine import Event
+from moetier.offload.copy_engine import Event, current_stream
 
 
 class SlotPool:
@@ -80,9 +80,14 @@ class TableUploads:
 
     def __init__(self, width: int, device: torch.device, rows: int = 64):
         self.device = device
-        self.host_RW = torch.empty((rows, width), dtype=torch.int64, pin_memory=device.type == "cuda")
-        self.copied: list[torch.cuda.Event | None] = [None] * rows
+        host_RW = torch.empty((rows, width), dtype=torch.int64, pin_memory=device.type == "cuda")
+        # each row's tensor and numpy view made once (indexing and .numpy() cost host time every upload)
+        self.rows_W = list(host_RW.unbind(0))
+        self.rows_np = [row.numpy() for row in self.rows_W]
+        self.copied: list[torch.cuda.Event | None] = [None] * rows  # made once per row, recorded again
         self._next = 0
+        if device.type == "cuda":
+            self.device_index = device.index if device.index is not None else torch.cuda.current_device()
 
     def next_row(self) -> tuple[np.ndarray, Callable[[torch.Tensor | None], torch.Tensor]]:
         """A row to write the table into, and the call that then uploads it: into the device tensor given,
@@ -91,14 +96,16 @@ class TableUploads:
         self._next = (row + 1) % len(self.copied)
         if self.copied[row] is not None:
             self.copied[row].synchronize()
-        return self.host_RW[row].numpy(), lambda into: self._upload(row, into)
+        return self.rows_np[row], lambda into: self._upload(row, into)
 
     def _upload(self, row: int, into: torch.Tensor | None) -> torch.Tensor:
+        source_W = self.rows_W[row]
         if self.device.type != "cuda":  # a copy: the row is written again later
-            table = self.host_RW[row].to(self.device, copy=True)
+            table = source_W.to(self.device, copy=True)
             return table if into is None else into.copy_(table)
-        table = torch.empty(self.host_RW.shape[1], dtype=torch.int64, device=self.device) if into is None else into
-        table.copy_(self.host_RW[row], non_blocking=True)
-        self.copied[row] = torch.cuda.Event()
-        self.copied[row].record()
+        table = torch.empty(source_W.shape[0], dtype=torch.int64, device=self.device) if into is None else into
+        table.copy_(source_W, non_blocking=True)
+        if self.copied[row] is None:
+            self.copied[row] = torch.cuda.Event()
+        self.copied[row].record(current_stream(self.device_index))
         return table

@@ -1,0 +1,85 @@
+"""Step by step: the wall time of each offloaded decode step, the host's wait for the routing in it, and the
+Python cycle collector's runs, to tell a process slow at every step from one slowed by a few long steps.
+One JSON line: step-time mean, deciles 1/3/5/7/9 and max, the mean host time outside the routing waits, the
+steps over 70 ms (index, ms, routing-wait ms), and the collector's runs (full collections one by one).
+
+    python benchmarks/step_times.py benchmarks/configs/qwen3-30b-a3b --gpu-memory 12GiB \
+        --routing synthetic:uniform [--steps 128] [--gc-freeze] [--label NAME]
+
+One sequence of a 512-token prompt, 10 decode steps of warm-up, then --steps timed ones (batch 1).
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+
+import torch
+from offload_probe import add_arguments, load
+
+from moetier import SamplingParams
+
+PROMPT, WARM_STEPS = 512, 10
+MAX_MODEL_LEN = 700  # as measured (the KV cache, and so the slot count, follows it)
+SLOW_MS = 70.0
+
+
+class CollectorLog:
+    """(step, generation, ms) of every cycle collection while attached."""
+
+    def __init__(self):
+        self.runs: list[tuple[int, int, float]] = []
+        self.step = 0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.runs.append((self.step, info["generation"], round((time.perf_counter() - self._started) * 1e3, 2)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after loading: collections skip the model's objects")
+    parser.add_argument("--label", default="")
+    args = parser.parse_args()
+    llm = load(args, max(MAX_MODEL_LEN, PROMPT + WARM_STEPS + args.steps + 8))
+    engine, executor = llm.engine, llm.engine.executor
+    engine.add_request(torch.randint(0, engine.source.spec.vocab_size, (PROMPT,)).tolist(),
+                       SamplingParams(max_tokens=WARM_STEPS + args.steps + 4, ignore_eos=True))
+    for _ in range(WARM_STEPS):
+        engine.step()
+    torch.cuda.synchronize()
+    if args.gc_freeze:
+        gc.freeze()
+    log = CollectorLog()
+    gc.callbacks.append(log)
+    steps_ms, waits_ms = [], []
+    for i in range(args.steps):
+        log.step = i
+        waited, started = executor.routing_sync_s, time.perf_counter()
+        engine.step()
+        steps_ms.append((time.perf_counter() - started) * 1e3)
+        waits_ms.append((executor.routing_sync_s - waited) * 1e3)
+    gc.callbacks.remove(log)
+    print(json.dumps({
+        "label": args.label, "cpus": len(os.sched_getaffinity(0)), "gc_freeze": args.gc_freeze,
+        "step_ms_mean": round(statistics.mean(steps_ms), 2),
+        "step_ms_deciles_1_3_5_7_9": [round(x, 2) for x in statistics.quantiles(steps_ms, n=10)[::2]],
+        "step_ms_max": round(max(steps_ms), 2),
+        "host_outside_routing_wait_ms_mean": round(statistics.mean(s - w for s, w in zip(steps_ms, waits_ms)), 2),
+        "routing_wait_ms_mean": round(statistics.mean(waits_ms), 2),
+        "expert_copy_us": round(executor.window.copy_s * 1e6, 1) if executor.window.copy_s else None,
+        "slow_steps": [(i, round(s, 1), round(w, 1)) for i, (s, w) in enumerate(zip(steps_ms, waits_ms)) if s > SLOW_MS],
+        "gc_full_collections": [run for run in log.runs if run[1] == 2],
+        "gc_young_ms": round(sum(ms for _, generation, ms in log.runs if generation < 2), 1),
+        "gc_runs": len(log.runs)}))
+
+
+if __name__ == "__main__":
+    main()

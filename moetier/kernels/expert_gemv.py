@@ -54,8 +54,8 @@ if triton is not None:
 # every call (its sum order is the tile's: resident and offloaded steps stay bitwise equal), so it is chosen
 # for three uses: batch 1 and batch 8 with every row computed, and one row of 8 (an offloaded step's last
 # expert, computed after its copy lands, between the copy engine and the next layer's routing). gate_up:
-# 19.3 / 132.7 / 7.5 us at Qwen3 (the 8-row, 256-wide tile before: 21.0 / 134.9 / 12.1); down: 11.6 / 68.6 /
-# 4.9 (the 4-row, 2-warp one: 11.3 / 68.8 / 6.9).
+# 19.3 / 132.7 / 7.4 us at Qwen3 (the 8-row, 256-wide tile before: 21.0 / 134.9 / 12.1); down: 11.6 / 68.7 /
+# 5.0 (the 4-row, 2-warp one: 11.3 / 68.8 / 6.8).
 _TILES = {False: (2, 1024, 4, 1), True: (8, 256, 4, 3)}
 
 

@@ -1,10 +1,13 @@
 """Step by step: the wall time of each offloaded decode step, the host's wait for the routing in it, and the
 Python cycle collector's runs, to tell a process slow at every step from one slowed by a few long steps.
 One JSON line: step-time mean, deciles 1/3/5/7/9 and max, the mean host time outside the routing waits, the
-steps over 70 ms (index, ms, routing-wait ms), and the collector's runs (full collections one by one).
+steps over 70 ms (index, ms, routing-wait ms), and the collector's runs (full collections one by one). With
+--phases, also each phase's milliseconds in the slow steps and in the median one, and its longest call there
+(the engine's scheduling, input loading, expert calls and their stages, sampling, output): where a slow step's
+extra time goes.
 
     python benchmarks/step_times.py benchmarks/configs/qwen3-30b-a3b --gpu-memory 12GiB \
-        --routing synthetic:uniform [--steps 128] [--gc-freeze] [--label NAME]
+        --routing synthetic:uniform [--steps 128] [--gc-freeze] [--phases] [--label NAME]
 
 One sequence of a 512-token prompt, 10 decode steps of warm-up, then --steps timed ones (batch 1).
 """
@@ -41,11 +44,57 @@ class CollectorLog:
             self.runs.append((self.step, info["generation"], round((time.perf_counter() - self._started) * 1e3, 2)))
 
 
+class PhaseClock:
+    """Wraps named methods so that each step's milliseconds per method, and its longest call, are kept."""
+
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+        self.longest: dict[str, float] = {}
+
+    def wrap(self, owner, name: str, key: str) -> None:
+        call = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                ms = (time.perf_counter() - started) * 1e3
+                self.ms[key] = self.ms.get(key, 0.0) + ms
+                self.longest[key] = max(self.longest.get(key, 0.0), ms)
+        setattr(owner, name, timed)
+
+    def take(self) -> dict:
+        """This step's figures (ms, longest call), and a fresh start for the next."""
+        taken = {name: [round(ms, 2), round(self.longest[name], 2)] for name, ms in self.ms.items()}
+        self.ms, self.longest = {}, {}
+        return taken
+
+
+def phase_clock(engine) -> PhaseClock:
+    """The engine's step phases and the offloaded executor's stages, wrapped (keys: owner.method)."""
+    clock = PhaseClock()
+    executor = engine.executor
+    owners = {"scheduler": (engine.scheduler, ("schedule",)), "runner": (engine.runner, ("run",)),
+              "sampler": (engine.sampler, ("sample",)), "engine": (engine, ("_append",)),
+              "graphs": (engine.runner.graphs, ("_load_inputs", "_replay")),
+              "executor": (executor, ("run", "_read_routing", "_plan_and_copy", "_split_at_last_copy",
+                                      "_fold_in_timings", "_copy_claimed", "_mark_read", "_prefetch_next",
+                                      "command_first_copy")),
+              "planner": (executor.planner, ("access", "end_step"))}
+    for label, (owner, names) in owners.items():
+        for name in names:
+            if owner is not None and hasattr(owner, name):
+                clock.wrap(owner, name, f"{label}.{name}")
+    return clock
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after loading: collections skip the model's objects")
+    parser.add_argument("--phases", action="store_true", help="time the step's phases (adds ~1 us a wrapped call)")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     llm = load(args, max(MAX_MODEL_LEN, PROMPT + WARM_STEPS + args.steps + 8))
@@ -57,16 +106,20 @@ def main() -> None:
     torch.cuda.synchronize()
     if args.gc_freeze:
         gc.freeze()
+    clock = phase_clock(engine) if args.phases else None
     log = CollectorLog()
     gc.callbacks.append(log)
-    steps_ms, waits_ms = [], []
+    steps_ms, waits_ms, phases = [], [], []
     for i in range(args.steps):
         log.step = i
         waited, started = executor.routing_sync_s, time.perf_counter()
         engine.step()
         steps_ms.append((time.perf_counter() - started) * 1e3)
         waits_ms.append((executor.routing_sync_s - waited) * 1e3)
+        if clock is not None:
+            phases.append(clock.take())
     gc.callbacks.remove(log)
+    median_step = sorted(range(args.steps), key=steps_ms.__getitem__)[args.steps // 2]
     print(json.dumps({
         "label": args.label, "cpus": len(os.sched_getaffinity(0)), "gc_freeze": args.gc_freeze,
         "step_ms_mean": round(statistics.mean(steps_ms), 2),
@@ -78,7 +131,9 @@ def main() -> None:
         "slow_steps": [(i, round(s, 1), round(w, 1)) for i, (s, w) in enumerate(zip(steps_ms, waits_ms)) if s > SLOW_MS],
         "gc_full_collections": [run for run in log.runs if run[1] == 2],
         "gc_young_ms": round(sum(ms for _, generation, ms in log.runs if generation < 2), 1),
-        "gc_runs": len(log.runs)}))
+        "gc_runs": len(log.runs),
+        **({"phases_median_step": phases[median_step],
+            "phases_slow_steps": {i: phases[i] for i, ms in enumerate(steps_ms) if ms > SLOW_MS}} if phases else {})}))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ machine effect), in alternating rounds of timed decode steps (or prefills). One 
     --toggle first-copy: in a graphed step each layer's first miss copied by a kernel right after its routing
         (kernels/first_copy.py); off, the kernel runs but copies nothing, and the copy engine copies every miss.
     --toggle recorder: the routing recorder `moetier bench` attaches (its copies in the graphs, its per-step work).
+    --toggle slot-events: on, each copy into a slot records that slot's one plain event again instead of making
+        a new one (~500 events made and dropped a batch-1 step of Qwen3-30B-A3B; a suspect of the host stall every
+        ~1.5 s, results README session 12); off, the engine's copies as they are.
 
     python benchmarks/offload_ab.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB --toggle spare \
         [--routing synthetic:uniform] [--batch 1] [--rounds 3] [--steps 16] [--max-model-len 577] [--prefill 512]
@@ -129,6 +132,33 @@ def recorder_switch(engine: Engine):
     return switch
 
 
+def slot_events_switch(engine: Engine):
+    """CudaCopyEngine.copy through the runtime's cudaMemcpyAsync, with the destination's event recorded again
+    (a timed copy still gets a new timing event). Safe for the executor's uses: a stream wait or query made
+    before the re-record keeps its own copy's completion; one after it waits for the later copy into the
+    same slot (a slot takes a new expert only after the old one's readers and waits)."""
+    copy_engine = engine.executor.copy_engine
+    copy = copy_engine.copy
+    events: dict[int, torch.cuda.Event] = {}
+
+    def copy_reusing(dst, src, after, timed=False):
+        if timed or getattr(copy_engine, "memcpy", None) is None:  # the CPU stand-in: as it is
+            return copy(dst, src, after, timed)
+        if after is not None and after is not copy_engine._waited and not after.query():
+            copy_engine.stream.wait_event(after)
+            copy_engine._waited = after
+        copy_engine.memcpy(dst.data_ptr(), src.data_ptr(), dst.nbytes, copy_engine.stream.cuda_stream)
+        event = events.get(dst.data_ptr())
+        if event is None:
+            event = events[dst.data_ptr()] = torch.cuda.Event()
+        event.record(copy_engine.stream)
+        return event
+
+    def switch(on: bool) -> None:
+        copy_engine.copy = copy_reusing if on else copy
+    return switch
+
+
 def first_copy_switch(engine: Engine):
     executor = engine.executor
 
@@ -139,7 +169,7 @@ def first_copy_switch(engine: Engine):
 
 SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy_switch, "ahead": ahead_switch,
             "round-guess": round_guess_switch, "split": split_switch, "mailbox": mailbox_switch,
-            "first-copy": first_copy_switch, "recorder": recorder_switch}
+            "first-copy": first_copy_switch, "recorder": recorder_switch, "slot-events": slot_events_switch}
 
 
 def alternate(args: argparse.Namespace, engine: Engine, switch, step, tokens: int, h2d_gbps: float,

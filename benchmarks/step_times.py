@@ -7,7 +7,10 @@ steps over 70 ms (index, ms, routing-wait ms), and the collector's runs (full co
 extra time goes.
 
     python benchmarks/step_times.py benchmarks/configs/qwen3-30b-a3b --gpu-memory 12GiB \
-        --routing synthetic:uniform [--steps 128] [--gc-freeze] [--phases] [--label NAME]
+        --routing synthetic:uniform [--steps 128] [--gc-freeze] [--phases] [--slot-events] [--label NAME]
+
+--slot-events: copies record their slot's one event again (offload_ab.py --toggle slot-events) instead of
+making one each.
 
 One sequence of a 512-token prompt, 10 decode steps of warm-up, then --steps timed ones (batch 1).
 """
@@ -20,6 +23,7 @@ import statistics
 import time
 
 import torch
+from offload_ab import slot_events_switch
 from offload_probe import add_arguments, load
 
 from moetier import SamplingParams
@@ -95,10 +99,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after loading: collections skip the model's objects")
     parser.add_argument("--phases", action="store_true", help="time the step's phases (adds ~1 us a wrapped call)")
+    parser.add_argument("--slot-events", action="store_true", help="reuse one event per slot for its copies")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     llm = load(args, max(MAX_MODEL_LEN, PROMPT + WARM_STEPS + args.steps + 8))
     engine, executor = llm.engine, llm.engine.executor
+    if args.slot_events:
+        slot_events_switch(engine)(True)
     engine.add_request(torch.randint(0, engine.source.spec.vocab_size, (PROMPT,)).tolist(),
                        SamplingParams(max_tokens=WARM_STEPS + args.steps + 4, ignore_eos=True))
     for _ in range(WARM_STEPS):
@@ -122,6 +129,7 @@ def main() -> None:
     median_step = sorted(range(args.steps), key=steps_ms.__getitem__)[args.steps // 2]
     print(json.dumps({
         "label": args.label, "cpus": len(os.sched_getaffinity(0)), "gc_freeze": args.gc_freeze,
+        "slot_events": args.slot_events,
         "step_ms_mean": round(statistics.mean(steps_ms), 2),
         "step_ms_deciles_1_3_5_7_9": [round(x, 2) for x in statistics.quantiles(steps_ms, n=10)[::2]],
         "step_ms_max": round(max(steps_ms), 2),

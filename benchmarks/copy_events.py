@@ -13,8 +13,8 @@ import random
 import statistics
 
 import torch
+from arena_copy_rate import torch_pinned
 
-from moetier.offload.arena import HostArena
 from moetier.offload.copy_engine import runtime_memcpy
 
 EXPERT_BYTES = 3 * 2048 * 768 * 2
@@ -30,11 +30,7 @@ class Copies:
         self.memcpy = runtime_memcpy()
         if self.memcpy is None:
             raise SystemExit("no CUDA runtime library mapped: nothing to measure")
-        arena = HostArena(256 << 20)
-        self.experts = [arena.allocate(EXPERT_BYTES) for _ in range(ARENA_BYTES // EXPERT_BYTES)]
-        for chunk in arena.chunks:
-            chunk.fill_(1)
-        self.arena = arena
+        self.experts, self.arena = torch_pinned(ARENA_BYTES, EXPERT_BYTES)
         self.slots = torch.empty(COPIES, EXPERT_BYTES, dtype=torch.uint8, device="cuda")
         self.whole = torch.ones(COPIES * EXPERT_BYTES, dtype=torch.uint8, pin_memory=True)
         self.streams = [torch.cuda.Stream() for _ in range(3)]

@@ -29,8 +29,9 @@ from moetier import SamplingParams
 STEPS = 16
 
 
-def time_calls(owner, name: str, seconds: defaultdict, prefix: str = "") -> None:
-    """Replaces owner.name by a wrapper that adds its wall time to seconds[prefix + name]."""
+def time_calls(owner, name: str, seconds: defaultdict, prefix: str = "", longest: dict | None = None) -> None:
+    """Replaces owner.name by a wrapper that adds its wall time to seconds[prefix + name] (and keeps the
+    longest call's in `longest`, if given)."""
     call = getattr(owner, name)
     key = prefix + name
 
@@ -39,7 +40,10 @@ def time_calls(owner, name: str, seconds: defaultdict, prefix: str = "") -> None
         try:
             return call(*args, **kwargs)
         finally:
-            seconds[key] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            seconds[key] += elapsed
+            if longest is not None:
+                longest[key] = max(longest.get(key, 0.0), elapsed)
 
     setattr(owner, name, wrapper)
 

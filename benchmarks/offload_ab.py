@@ -133,29 +133,31 @@ def recorder_switch(engine: Engine):
 
 
 def slot_events_switch(engine: Engine):
-    """CudaCopyEngine.copy through the runtime's cudaMemcpyAsync, with the destination's event recorded again
-    (a timed copy still gets a new timing event). Safe for the executor's uses: a stream wait or query made
-    before the re-record keeps its own copy's completion; one after it waits for the later copy into the
-    same slot (a slot takes a new expert only after the old one's readers and waits)."""
+    """CudaCopyEngine's copies as they are, but for the event each records: the destination slot's one plain
+    event recorded again instead of a new one (a timed copy still gets a new timing event). Safe for the
+    executor's uses: a stream wait or query made before the re-record keeps its own copy's completion; one
+    after it waits for the later copy into the same slot (a slot takes a new expert only after the old one's
+    readers and waits)."""
     copy_engine = engine.executor.copy_engine
-    copy = copy_engine.copy
+    copy, copied = copy_engine.copy, copy_engine._copied
     events: dict[int, torch.cuda.Event] = {}
+    destination = [0]  # the data pointer of the copy being issued
 
-    def copy_reusing(dst, src, after, timed=False):
-        if timed or getattr(copy_engine, "memcpy", None) is None:  # the CPU stand-in: as it is
-            return copy(dst, src, after, timed)
-        if after is not None and after is not copy_engine._waited and not after.query():
-            copy_engine.stream.wait_event(after)
-            copy_engine._waited = after
-        copy_engine.memcpy(dst.data_ptr(), src.data_ptr(), dst.nbytes, copy_engine.stream.cuda_stream)
-        event = events.get(dst.data_ptr())
+    def copy_noting_slot(dst, src, after, timed=False):
+        destination[0] = dst.data_ptr()
+        return copy(dst, src, after, timed)
+
+    def copied_into_slot(timed: bool):
+        if timed:
+            return copied(timed)
+        event = events.get(destination[0])
         if event is None:
-            event = events[dst.data_ptr()] = torch.cuda.Event()
+            event = events[destination[0]] = torch.cuda.Event()
         event.record(copy_engine.stream)
         return event
 
     def switch(on: bool) -> None:
-        copy_engine.copy = copy_reusing if on else copy
+        copy_engine.copy, copy_engine._copied = (copy_noting_slot, copied_into_slot) if on else (copy, copied)
     return switch
 
 

@@ -21,8 +21,10 @@ import json
 import os
 import statistics
 import time
+from collections import defaultdict
 
 import torch
+from host_time_offload import time_calls
 from offload_ab import slot_events_switch
 from offload_probe import add_arguments, load
 
@@ -49,29 +51,20 @@ class CollectorLog:
 
 
 class PhaseClock:
-    """Wraps named methods so that each step's milliseconds per method, and its longest call, are kept."""
+    """Each step's milliseconds per wrapped method (host_time_offload.time_calls), and its longest call."""
 
     def __init__(self):
-        self.ms: dict[str, float] = {}
+        self.seconds: defaultdict[str, float] = defaultdict(float)
         self.longest: dict[str, float] = {}
 
-    def wrap(self, owner, name: str, key: str) -> None:
-        call = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return call(*args, **kwargs)
-            finally:
-                ms = (time.perf_counter() - started) * 1e3
-                self.ms[key] = self.ms.get(key, 0.0) + ms
-                self.longest[key] = max(self.longest.get(key, 0.0), ms)
-        setattr(owner, name, timed)
+    def wrap(self, owner, name: str, prefix: str) -> None:
+        time_calls(owner, name, self.seconds, prefix, self.longest)
 
     def take(self) -> dict:
-        """This step's figures (ms, longest call), and a fresh start for the next."""
-        taken = {name: [round(ms, 2), round(self.longest[name], 2)] for name, ms in self.ms.items()}
-        self.ms, self.longest = {}, {}
+        """This step's figures (ms, longest call ms), and a fresh start for the next."""
+        taken = {key: [round(s * 1e3, 2), round(self.longest[key] * 1e3, 2)] for key, s in self.seconds.items()}
+        self.seconds.clear()
+        self.longest.clear()
         return taken
 
 
@@ -89,7 +82,7 @@ def phase_clock(engine) -> PhaseClock:
     for label, (owner, names) in owners.items():
         for name in names:
             if owner is not None and hasattr(owner, name):
-                clock.wrap(owner, name, f"{label}.{name}")
+                clock.wrap(owner, name, f"{label}.")
     return clock
 
 

@@ -4,10 +4,14 @@ One JSON line: step-time mean, deciles 1/3/5/7/9 and max, the mean host time out
 steps over 70 ms (index, ms, routing-wait ms), and the collector's runs (full collections one by one). With
 --phases, also each phase's milliseconds in the slow steps and in the median one, and its longest call there
 (the engine's scheduling, input loading, expert calls and their stages, sampling, output): where a slow step's
-extra time goes.
+extra time goes. Every step also records what the kernel counts for the main thread (its CPU time, minor faults,
+context switches, the core it ends on) and the machine's steal and NUMA hint-fault counters: a step slower on the
+host throughout is descheduled (CPU time short of wall time, steal), faulting (NUMA balancing unmapping pages),
+migrated, or running a slower core.
 
     python benchmarks/step_times.py benchmarks/configs/qwen3-30b-a3b --gpu-memory 12GiB \
-        --routing synthetic:uniform [--steps 128] [--gc-freeze] [--phases] [--slot-events] [--label NAME]
+        --routing synthetic:uniform [--steps 128] [--gc-freeze] [--phases] [--slot-events] [--pin-core N]
+        [--label NAME]
 
 --slot-events: copies record their slot's one event again (offload_ab.py --toggle slot-events) instead of
 making one each.
@@ -19,6 +23,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import statistics
 import time
 from collections import defaultdict
@@ -68,6 +73,46 @@ class PhaseClock:
         return taken
 
 
+def os_counters() -> dict:
+    """The main thread's CPU ms, minor faults, voluntary and forced context switches and core; the machine's steal
+    jiffies and NUMA hint faults."""
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    with open("/proc/thread-self/stat") as stat:
+        core = int(stat.read().rsplit(")", 1)[1].split()[36])  # field 39, "processor"
+    with open("/proc/stat") as stat:
+        steal = int(stat.readline().split()[8])
+    return {"cpu_ms": time.thread_time() * 1e3, "minflt": usage.ru_minflt, "nvcsw": usage.ru_nvcsw,
+            "nivcsw": usage.ru_nivcsw, "core": core, "steal": steal, "numa_hint_faults": _vmstat("numa_hint_faults")}
+
+
+def _vmstat(key: str) -> int:
+    with open("/proc/vmstat") as vmstat:
+        return next((int(line.split()[1]) for line in vmstat if line.startswith(key + " ")), -1)
+
+
+def counter_deltas(before: dict, after: dict) -> dict:
+    deltas = {key: after[key] - before[key] for key in before if key != "core"}
+    deltas["cpu_ms"] = round(deltas["cpu_ms"], 1)
+    deltas["core"] = after["core"] if after["core"] == before["core"] else f"{before['core']}->{after['core']}"
+    return deltas
+
+
+def machine_facts() -> dict:
+    """Kernel settings that could stall a host thread now and then."""
+    def read(path: str) -> str | None:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+    return {"numa_balancing": read("/proc/sys/kernel/numa_balancing"),
+            "numa_nodes": len([n for n in os.listdir("/sys/devices/system/node") if n.startswith("node")])
+            if os.path.isdir("/sys/devices/system/node") else None,
+            "thp": read("/sys/kernel/mm/transparent_hugepage/enabled"),
+            "governor": read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
+            "siblings_cpu0": read("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list")}
+
+
 def phase_clock(engine) -> PhaseClock:
     """The engine's step phases and the offloaded executor's stages, wrapped (keys: owner.method)."""
     clock = PhaseClock()
@@ -93,8 +138,11 @@ def main() -> None:
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after loading: collections skip the model's objects")
     parser.add_argument("--phases", action="store_true", help="time the step's phases (adds ~1 us a wrapped call)")
     parser.add_argument("--slot-events", action="store_true", help="reuse one event per slot for its copies")
+    parser.add_argument("--pin-core", type=int, help="run the main thread on this one core only")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
+    if args.pin_core is not None:
+        os.sched_setaffinity(0, {args.pin_core})  # 0: this thread; the driver's threads keep every core
     llm = load(args, max(MAX_MODEL_LEN, PROMPT + WARM_STEPS + args.steps + 8))
     engine, executor = llm.engine, llm.engine.executor
     if args.slot_events:
@@ -109,20 +157,25 @@ def main() -> None:
     clock = phase_clock(engine) if args.phases else None
     log = CollectorLog()
     gc.callbacks.append(log)
-    steps_ms, waits_ms, phases = [], [], []
+    steps_ms, waits_ms, phases, counters = [], [], [], []
+    hint_faults_before = _vmstat("numa_hint_faults")
     for i in range(args.steps):
         log.step = i
+        before = os_counters()
         waited, started = executor.routing_sync_s, time.perf_counter()
         engine.step()
         steps_ms.append((time.perf_counter() - started) * 1e3)
         waits_ms.append((executor.routing_sync_s - waited) * 1e3)
+        counters.append(counter_deltas(before, os_counters()))
         if clock is not None:
             phases.append(clock.take())
     gc.callbacks.remove(log)
     median_step = sorted(range(args.steps), key=steps_ms.__getitem__)[args.steps // 2]
+    slow = [i for i, ms in enumerate(steps_ms) if ms > SLOW_MS]
     print(json.dumps({
         "label": args.label, "cpus": len(os.sched_getaffinity(0)), "gc_freeze": args.gc_freeze,
-        "slot_events": args.slot_events,
+        "slot_events": args.slot_events, "pin_core": args.pin_core, "machine": machine_facts(),
+        "numa_hint_faults_run": _vmstat("numa_hint_faults") - hint_faults_before,
         "step_ms_mean": round(statistics.mean(steps_ms), 2),
         "step_ms_deciles_1_3_5_7_9": [round(x, 2) for x in statistics.quantiles(steps_ms, n=10)[::2]],
         "step_ms_max": round(max(steps_ms), 2),
@@ -133,8 +186,11 @@ def main() -> None:
         "gc_full_collections": [run for run in log.runs if run[1] == 2],
         "gc_young_ms": round(sum(ms for _, generation, ms in log.runs if generation < 2), 1),
         "gc_runs": len(log.runs),
+        "os_median_step": counters[median_step], "os_slow_steps": {i: counters[i] for i in slow},
+        "os_totals": {key: round(sum(c[key] for c in counters), 1) for key in counters[0] if key != "core"},
+        "core_changes": sum(isinstance(c["core"], str) for c in counters),
         **({"phases_median_step": phases[median_step],
-            "phases_slow_steps": {i: phases[i] for i, ms in enumerate(steps_ms) if ms > SLOW_MS}} if phases else {})}))
+            "phases_slow_steps": {i: phases[i] for i in slow}} if phases else {})}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """The same engine on a CUDA GPU: fp32 logits agree with transformers there, bf16 runs end to end."""
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -235,6 +238,21 @@ def test_cuda_graph_decode_equals_eager(dtype, tmp_path):
     assert type(graphed.engine.runner.graphs) is (DecodeGraphs if whole else PiecewiseDecodeGraphs)
     with_graphs, without = graphed.generate(prompts, params), eager.generate(prompts, params)
     assert [o.token_ids for o in with_graphs] == [o.token_ids for o in without]
+
+
+def test_graphed_engine_freezes_the_collector_and_a_dropped_engine_is_still_collected(tmp_path):
+    """After capture every live object is frozen (a full collection in decode scans only what came since),
+    and an engine dropped before the next capture, reference cycles and all, is collected then."""
+    make_checkpoint("qwen3_moe", tmp_path)
+    first = LLM(str(tmp_path), dtype="bfloat16", device="cuda", max_model_len=128, expert_slots=6)
+    assert gc.get_freeze_count() > 10_000  # torch's and the engine's objects
+    executor = weakref.ref(first.engine.executor)
+    first.engine.executor.self_cycle = first.engine.executor  # kept alive by a cycle alone once dropped
+    del first
+    assert executor() is not None  # frozen: no collection frees it
+    second = LLM(str(tmp_path), dtype="bfloat16", device="cuda", max_model_len=128, expert_slots=6)
+    assert executor() is None and gc.get_freeze_count() > 10_000
+    assert isinstance(second.engine.runner.graphs, PiecewiseDecodeGraphs)
 
 
 @pytest.mark.parametrize("slots", [1, 3, 6, 12, 24])

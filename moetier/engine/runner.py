@@ -68,7 +68,7 @@ class Runner:
 
     def _capture_graphs(self) -> DecodeGraphs:
         graphs = DecodeGraphs if self.model.executor.sync_free else PiecewiseDecodeGraphs
-        with _collector_paused():
+        with _collector_settled():
             return graphs(self.model, self.kv_cache, *self._graph_args)
 
     def prepare(self, scheduled: list[ScheduledSeq], all_logits: bool = False) -> ForwardBatch:
@@ -117,15 +117,21 @@ class Runner:
 
 
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
+def _collector_settled() -> Iterator[None]:
     """Python's cycle collector off while graphs are captured (after one collection): objects it would free
     meanwhile, such as an old engine's CUDA events, call CUDA functions that a capture forbids, and the
-    capture fails (seen on the device H100 with several offloaded engines made in one process)."""
+    capture fails (seen on the device H100 with several offloaded engines made in one process). After the
+    capture every object alive leaves the collector's generations (gc.freeze), so a full collection in the
+    decode loop scans only what came since, not the ~200k objects of torch, transformers and the model: else
+    one pauses a decode step ~220 ms every ~100 steps (benchmarks/step_times.py on the device H100). Unfrozen
+    before the collection, so that an engine dropped since the last capture is collected then."""
+    gc.unfreeze()
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        gc.freeze()
         if enabled:
             gc.enable()

@@ -10,7 +10,7 @@ host throughout is descheduled (CPU time short of wall time, steal), faulting (N
 migrated, or running a slower core.
 
     python benchmarks/step_times.py benchmarks/configs/qwen3-30b-a3b --gpu-memory 12GiB \
-        --routing synthetic:uniform [--steps 128] [--gc-freeze] [--phases] [--slot-events] [--pin-core N]
+        --routing synthetic:uniform [--steps 128] [--phases] [--slot-events] [--pin-core N]
         [--label NAME]
 
 --slot-events: copies record their slot's one event again (offload_ab.py --toggle slot-events) instead of
@@ -135,7 +135,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     parser.add_argument("--steps", type=int, default=128)
-    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after loading: collections skip the model's objects")
     parser.add_argument("--phases", action="store_true", help="time the step's phases (adds ~1 us a wrapped call)")
     parser.add_argument("--slot-events", action="store_true", help="reuse one event per slot for its copies")
     parser.add_argument("--pin-core", type=int, help="run the main thread on this one core only")
@@ -152,8 +151,6 @@ def main() -> None:
     for _ in range(WARM_STEPS):
         engine.step()
     torch.cuda.synchronize()
-    if args.gc_freeze:
-        gc.freeze()
     clock = phase_clock(engine) if args.phases else None
     log = CollectorLog()
     gc.callbacks.append(log)
@@ -173,7 +170,7 @@ def main() -> None:
     median_step = sorted(range(args.steps), key=steps_ms.__getitem__)[args.steps // 2]
     slow = [i for i, ms in enumerate(steps_ms) if ms > SLOW_MS]
     print(json.dumps({
-        "label": args.label, "cpus": len(os.sched_getaffinity(0)), "gc_freeze": args.gc_freeze,
+        "label": args.label, "cpus": len(os.sched_getaffinity(0)),
         "slot_events": args.slot_events, "pin_core": args.pin_core, "machine": machine_facts(),
         "numa_hint_faults_run": _vmstat("numa_hint_faults") - hint_faults_before,
         "step_ms_mean": round(statistics.mean(steps_ms), 2),

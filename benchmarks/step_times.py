@@ -5,7 +5,8 @@ steps over 70 ms (index, ms, routing-wait ms), and the collector's runs (full co
 --phases, also each phase's milliseconds in the slow steps and in the median one, and its longest call there
 (the engine's scheduling, input loading, expert calls and their stages, sampling, output): where a slow step's
 extra time goes. Every step also records what the kernel counts for the main thread (its CPU time, minor faults,
-context switches, the core it ends on) and the machine's steal and NUMA hint-fault counters: a step slower on the
+context switches, the core it ends on), the CPU time of all its threads, and the machine's steal and NUMA
+hint-fault counters, and when it started (to line up with a probe on another core): a step slower on the
 host throughout is descheduled (CPU time short of wall time, steal), faulting (NUMA balancing unmapping pages),
 migrated, or running a slower core.
 
@@ -81,7 +82,7 @@ def os_counters() -> dict:
         core = int(stat.read().rsplit(")", 1)[1].split()[36])  # field 39, "processor"
     with open("/proc/stat") as stat:
         steal = int(stat.readline().split()[8])
-    return {"cpu_ms": time.thread_time() * 1e3, "minflt": usage.ru_minflt, "nvcsw": usage.ru_nvcsw,
+    return {"cpu_ms": time.thread_time() * 1e3, "process_cpu_ms": time.process_time() * 1e3, "minflt": usage.ru_minflt, "nvcsw": usage.ru_nvcsw,
             "nivcsw": usage.ru_nivcsw, "core": core, "steal": steal, "numa_hint_faults": _vmstat("numa_hint_faults")}
 
 
@@ -93,6 +94,7 @@ def _vmstat(key: str) -> int:
 def counter_deltas(before: dict, after: dict) -> dict:
     deltas = {key: after[key] - before[key] for key in before if key != "core"}
     deltas["cpu_ms"] = round(deltas["cpu_ms"], 1)
+    deltas["process_cpu_ms"] = round(deltas["process_cpu_ms"], 1)
     deltas["core"] = after["core"] if after["core"] == before["core"] else f"{before['core']}->{after['core']}"
     return deltas
 
@@ -154,11 +156,12 @@ def main() -> None:
     clock = phase_clock(engine) if args.phases else None
     log = CollectorLog()
     gc.callbacks.append(log)
-    steps_ms, waits_ms, phases, counters = [], [], [], []
+    steps_ms, waits_ms, phases, counters, starts = [], [], [], [], []
     hint_faults_before = _vmstat("numa_hint_faults")
     for i in range(args.steps):
         log.step = i
         before = os_counters()
+        starts.append(time.time())
         waited, started = executor.routing_sync_s, time.perf_counter()
         engine.step()
         steps_ms.append((time.perf_counter() - started) * 1e3)
@@ -186,6 +189,7 @@ def main() -> None:
         "os_median_step": counters[median_step], "os_slow_steps": {i: counters[i] for i in slow},
         "os_totals": {key: round(sum(c[key] for c in counters), 1) for key in counters[0] if key != "core"},
         "core_changes": sum(isinstance(c["core"], str) for c in counters),
+        "step_start_unix": [round(t, 4) for t in starts], "steps_ms": [round(ms, 2) for ms in steps_ms],
         **({"phases_median_step": phases[median_step],
             "phases_slow_steps": {i: phases[i] for i in slow}} if phases else {})}))
 

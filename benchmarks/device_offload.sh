@@ -54,13 +54,16 @@ peer() {  # name shape budget timeout extra...
   python3 benchmarks/nvml_peak.py /tmp/nvml.csv "$OUT/$name.json" 2>&1 | tail -1; cat "$OUT/$name.json"
 }
 
+gpu_tests() {  # timeout test-files...: unless TESTS=0 (the GPU tests passed at this code already), into gpu_tests.log
+  local limit=$1; shift
+  [ "${TESTS:-1}" = 1 ] || return 0
+  timeout "$limit" python3 -m pytest -q -p no:logging "$@" > "$OUT/gpu_tests.log" 2>&1
+  grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.log" | head -30
+}
+
 case $STAGE in
 predict)
-  if [ "${TESTS:-1}" = 1 ]; then
-    timeout 300 python3 -m pytest -q -p no:logging tests/test_gpu.py tests/test_disk_tier.py tests/test_calibrate.py \
-      > "$OUT/gpu_tests.log" 2>&1
-    grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.log" | head -30
-  fi
+  gpu_tests 300 tests/test_gpu.py tests/test_disk_tier.py tests/test_calibrate.py
   for RUN in ${RUNS:-olmoe-1b-7b:4GiB}; do  # shape:budget ...
   SHAPE=${RUN%%:*}
   timeout "${LIMIT:-280}" python3 benchmarks/profile_copy_gaps.py benchmarks/configs/$SHAPE --gpu-memory "${RUN#*:}" \
@@ -81,12 +84,10 @@ small)
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     echo "commit ${COMMIT:-unknown}"; free -g | head -2; } | tee "$OUT/machine.txt"
-  if [ "${TESTS:-1}" = 1 ]; then  # TESTS=0: benchmarks only (the GPU tests passed at this code already)
-    timeout 240 python3 -m pytest -q -p no:logging tests/test_gpu.py tests/test_disk_tier.py tests/test_calibrate.py \
-      > "$OUT/gpu_tests.log" 2>&1
-    grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.log" | head -30
-    # a crash (not a failed comparison) would crash the benchmarks too: stop here
-    if grep -qE "^E +[A-Za-z]*(Runtime|Type|Attribute|Value|Index)Error" "$OUT/gpu_tests.log"; then exit 1; fi
+  gpu_tests 240 tests/test_gpu.py tests/test_disk_tier.py tests/test_calibrate.py
+  # a crash (not a failed comparison) would crash the benchmarks too: stop here
+  if [ "${TESTS:-1}" = 1 ] && grep -qE "^E +[A-Za-z]*(Runtime|Type|Attribute|Value|Index)Error" "$OUT/gpu_tests.log"; then
+    exit 1
   fi
   timeout 90 python3 -m moetier.cli calibrate > "$OUT/calibration.json" 2>/dev/null; cat "$OUT/calibration.json"
   offload olmoe_4gib olmoe-1b-7b 4GiB 100 --batch-sizes 1,8 --output-len 64
@@ -119,10 +120,7 @@ replay)  # a donor trace replayed in place of the dummy routers (consecutive tra
     --routing replay:$T/donor-olmoe-1b-7b/heldout.npz
   ;;
 uniform)  # every token's experts drawn uniformly: the reference the donor rows are read against
-  if [ "${TESTS:-1}" = 1 ]; then
-    timeout 240 python3 -m pytest -q -p no:logging tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
-    grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.log" | head -30
-  fi
+  gpu_tests 240 tests/test_gpu.py
   offload olmoe_4gib_uniform olmoe-1b-7b 4GiB 150 --batch-sizes 1,8 --output-len 128 --routing synthetic:uniform
   offload qwen3_12gib_uniform qwen3-30b-a3b 12GiB 250 --batch-sizes 1,8 --output-len 128 --routing synthetic:uniform
   ;;
@@ -134,10 +132,7 @@ uniform-40)
   offload mixtral_40gib_uniform mixtral-8x7b 40GiB 420 --batch-sizes 1,8 --output-len 128 --routing synthetic:uniform
   ;;
 spread)
-  if [ "${TESTS:-1}" = 1 ]; then
-    timeout 240 python3 -m pytest -q -p no:logging tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
-    grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_tests.log" | head -30
-  fi
+  gpu_tests 240 tests/test_gpu.py
   for BACKING in torch huge; do
     timeout 150 python3 benchmarks/arena_copy_rate.py --backing $BACKING >> "$OUT/arena_copy_rate.jsonl" 2> /tmp/arena.err \
       || tail -3 /tmp/arena.err

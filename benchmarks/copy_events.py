@@ -15,7 +15,7 @@ import statistics
 import torch
 from arena_copy_rate import torch_pinned
 
-from moetier.offload.copy_engine import runtime_memcpy
+from moetier.offload.cuda_runtime import cuda_runtime
 
 EXPERT_BYTES = 3 * 2048 * 768 * 2
 COPIES = 42  # a batch-1 step of uniform Qwen3 at 12 GiB copies ~7 experts a layer, ~335 a step
@@ -27,9 +27,7 @@ VARIANTS = {"one_stream": (1, None), "one_stream_timing_events": (1, "timing"), 
 
 class Copies:
     def __init__(self):
-        self.memcpy = runtime_memcpy()
-        if self.memcpy is None:
-            raise SystemExit("no CUDA runtime library mapped: nothing to measure")
+        self.memcpy = cuda_runtime().copy_to_device
         self.experts, self.arena = torch_pinned(ARENA_BYTES, EXPERT_BYTES)
         self.slots = torch.empty(COPIES, EXPERT_BYTES, dtype=torch.uint8, device="cuda")
         self.whole = torch.ones(COPIES * EXPERT_BYTES, dtype=torch.uint8, pin_memory=True)

@@ -48,6 +48,27 @@ def time_calls(owner, name: str, seconds: defaultdict, prefix: str = "", longest
     setattr(owner, name, wrapper)
 
 
+def time_after_routing(executor, seconds: defaultdict) -> None:
+    """seconds["after_routing"]: run()'s host time from its routing read's return to its own, the stretch
+    a host late for the GPU holds the copy engine back in (the next layer's launch follows at once)."""
+    read, run = executor._read_routing, executor.run
+    read_end = [0.0]
+
+    def timed_read(*args, **kwargs):
+        try:
+            return read(*args, **kwargs)
+        finally:
+            read_end[0] = time.perf_counter()
+
+    def timed_run(*args, **kwargs):
+        try:
+            return run(*args, **kwargs)
+        finally:
+            seconds["after_routing"] += time.perf_counter() - read_end[0]
+
+    executor._read_routing, executor.run = timed_read, timed_run
+
+
 def seconds_per_call(call, count: int) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -85,8 +106,9 @@ def main() -> None:
     seconds: defaultdict[str, float] = defaultdict(float)
     for name in ("run", "_read_routing", "_plan_and_copy", "_compute_all", "_compute_in_rounds", "_compute_round",
                  "_round_slots", "_prefetch_next", "_wait_for_copies", "_mark_read", "_score_guess", "_copy_claimed",
-                 "_copied_by_gpu", "_split_at_last_copy", "_fold_in_timings", "_copy_into", "command_first_copy"):
+                 "_copied_by_gpu", "_replay_step", "_fold_in_timings", "_copy_into", "command_first_copy"):
         time_calls(executor, name, seconds)
+    time_after_routing(executor, seconds)
     for name in ("access", "claim_free", "end_step", "start_round"):
         time_calls(executor.planner, name, seconds, "planner.")
     for name in ("table_of", "device_table", "assign"):

@@ -5,8 +5,6 @@ machine effect), in alternating rounds of timed decode steps (or prefills). One 
         (cuda_graphs.PiecewiseDecodeGraphs); off, the executor computes and predicts eagerly.
     --toggle spare: the planner's spare slots (planner.py: the first misses copy right after the routing
         read); off, no slot is kept free, and every miss waits for the step's planning.
-    --toggle memcpy: expert copies through the runtime's cudaMemcpyAsync (copy_engine.py); off, through
-        torch's copy_ on the copy stream made current.
     --toggle ahead: a layer step's rounds after the first planned and copying while the round before waits
         for its copies (planner.next_round); off, each planned after the round before computed, as large as
         fits (the executor before 2026-11-22).
@@ -19,9 +17,6 @@ machine effect), in alternating rounds of timed decode steps (or prefills). One 
     --toggle first-copy: in a graphed step each layer's first miss copied by a kernel right after its routing
         (kernels/first_copy.py); off, the kernel runs but copies nothing, and the copy engine copies every miss.
     --toggle recorder: the routing recorder `moetier bench` attaches (its copies in the graphs, its per-step work).
-    --toggle slot-events: on, each copy into a slot records that slot's one plain event again instead of making
-        a new one (~500 events made and dropped a batch-1 step of Qwen3-30B-A3B; a suspect of the host stall every
-        ~1.5 s, results README session 12); off, the engine's copies as they are.
 
     python benchmarks/offload_ab.py benchmarks/configs/olmoe-1b-7b --gpu-memory 4GiB --toggle spare \
         [--routing synthetic:uniform] [--batch 1] [--rounds 3] [--steps 16] [--max-model-len 577] [--prefill 512]
@@ -65,15 +60,6 @@ def spare_switch(engine: Engine):
 
     def switch(on: bool) -> None:
         planner.spare = spare if on else 0
-    return switch
-
-
-def memcpy_switch(engine: Engine):
-    copy_engine = engine.executor.copy_engine
-    memcpy = copy_engine.memcpy
-
-    def switch(on: bool) -> None:
-        copy_engine.memcpy = memcpy if on else None
     return switch
 
 
@@ -132,35 +118,6 @@ def recorder_switch(engine: Engine):
     return switch
 
 
-def slot_events_switch(engine: Engine):
-    """CudaCopyEngine's copies as they are, but for the event each records: the destination slot's one plain
-    event recorded again instead of a new one (a timed copy still gets a new timing event). Safe for the
-    executor's uses: a stream wait or query made before the re-record keeps its own copy's completion; one
-    after it waits for the later copy into the same slot (a slot takes a new expert only after the old one's
-    readers and waits)."""
-    copy_engine = engine.executor.copy_engine
-    copy, copied = copy_engine.copy, copy_engine._copied
-    events: dict[int, torch.cuda.Event] = {}
-    destination = [0]  # the data pointer of the copy being issued
-
-    def copy_noting_slot(dst, src, after, timed=False):
-        destination[0] = dst.data_ptr()
-        return copy(dst, src, after, timed)
-
-    def copied_into_slot(timed: bool):
-        if timed:
-            return copied(timed)
-        event = events.get(destination[0])
-        if event is None:
-            event = events[destination[0]] = torch.cuda.Event()
-        event.record(copy_engine.stream)
-        return event
-
-    def switch(on: bool) -> None:
-        copy_engine.copy, copy_engine._copied = (copy_noting_slot, copied_into_slot) if on else (copy, copied)
-    return switch
-
-
 def first_copy_switch(engine: Engine):
     executor = engine.executor
 
@@ -169,9 +126,9 @@ def first_copy_switch(engine: Engine):
     return switch
 
 
-SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy_switch, "ahead": ahead_switch,
+SWITCHES = {"captured": captured_switch, "spare": spare_switch, "ahead": ahead_switch,
             "round-guess": round_guess_switch, "split": split_switch, "mailbox": mailbox_switch,
-            "first-copy": first_copy_switch, "recorder": recorder_switch, "slot-events": slot_events_switch}
+            "first-copy": first_copy_switch, "recorder": recorder_switch}
 
 
 def alternate(args: argparse.Namespace, engine: Engine, switch, step, tokens: int, h2d_gbps: float,

@@ -11,11 +11,8 @@ host throughout is descheduled (CPU time short of wall time, steal), faulting (N
 migrated, or running a slower core.
 
     python benchmarks/step_times.py benchmarks/configs/qwen3-30b-a3b --gpu-memory 12GiB \
-        --routing synthetic:uniform [--steps 128] [--phases] [--slot-events] [--pin-core N]
+        --routing synthetic:uniform [--steps 128] [--phases] [--pin-core N]
         [--label NAME]
-
---slot-events: copies record their slot's one event again (offload_ab.py --toggle slot-events) instead of
-making one each.
 
 One sequence of a 512-token prompt, 10 decode steps of warm-up, then --steps timed ones (batch 1).
 """
@@ -31,7 +28,6 @@ from collections import defaultdict
 
 import torch
 from host_time_offload import time_calls
-from offload_ab import slot_events_switch
 from offload_probe import add_arguments, load
 
 from moetier import SamplingParams
@@ -138,7 +134,6 @@ def main() -> None:
     add_arguments(parser)
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--phases", action="store_true", help="time the step's phases (adds ~1 us a wrapped call)")
-    parser.add_argument("--slot-events", action="store_true", help="reuse one event per slot for its copies")
     parser.add_argument("--pin-core", type=int, help="run the main thread on this one core only")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
@@ -146,8 +141,6 @@ def main() -> None:
         os.sched_setaffinity(0, {args.pin_core})  # 0: this thread; the driver's threads keep every core
     llm = load(args, max(MAX_MODEL_LEN, PROMPT + WARM_STEPS + args.steps + 8))
     engine, executor = llm.engine, llm.engine.executor
-    if args.slot_events:
-        slot_events_switch(engine)(True)
     engine.add_request(torch.randint(0, engine.source.spec.vocab_size, (PROMPT,)).tolist(),
                        SamplingParams(max_tokens=WARM_STEPS + args.steps + 4, ignore_eos=True))
     for _ in range(WARM_STEPS):
@@ -174,7 +167,7 @@ def main() -> None:
     slow = [i for i, ms in enumerate(steps_ms) if ms > SLOW_MS]
     print(json.dumps({
         "label": args.label, "cpus": len(os.sched_getaffinity(0)),
-        "slot_events": args.slot_events, "pin_core": args.pin_core, "machine": machine_facts(),
+        "pin_core": args.pin_core, "machine": machine_facts(),
         "numa_hint_faults_run": _vmstat("numa_hint_faults") - hint_faults_before,
         "step_ms_mean": round(statistics.mean(steps_ms), 2),
         "step_ms_deciles_1_3_5_7_9": [round(x, 2) for x in statistics.quantiles(steps_ms, n=10)[::2]],

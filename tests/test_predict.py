@@ -89,15 +89,17 @@ class _Clock:
 
 def _layer(window: PrefetchWindow, copies: int, first: bool = False) -> None:
     window.measure()  # before the routing read, as the executor does
+    window.times_step()
     window.copies_start(None)
     window.window_ends(first_layer=first)
     window.copies_issued(copies)
 
 
 def test_prefetch_window_is_measured_window_over_copy_time():
-    # markers: (copies start, compute now, copies end) per layer
-    clock = _Clock([0.0, 0.0, 3.0, 10.0, 10.0, 12.0, 20.0, 20.0, 25.0, 30.0, 30.0, 31.0, 100.0, 100.0, 101.0, 110.0, 110.0, 111.0])
-    window = PrefetchWindow(clock)
+    # markers per layer: copies start, compute now (only when the layer before was timed and in the same
+    # step), copies end
+    clock = _Clock([0.0, 3.0, 10.0, 10.0, 12.0, 20.0, 20.0, 25.0, 30.0, 30.0, 31.0, 100.0, 101.0, 110.0, 110.0, 111.0])
+    window = PrefetchWindow(clock, sample_every=1)
     _layer(window, 3, first=True)  # 3 copies from 0 to 3: 1 each
     assert window.depth(1.0) == 0  # nothing measured yet: no guess copied
     _layer(window, 1)  # its copies start at 10 (the window of the layer before: 3 -> 10), end at 12
@@ -113,6 +115,18 @@ def test_prefetch_window_is_measured_window_over_copy_time():
     _layer(window, 1, first=True)  # a new step: no window across the lm_head and sampling (31 -> 100)
     _layer(window, 1)
     assert window.window_s == pytest.approx(0.9 * 7 + 0.1 * 8) and window.copy_s == pytest.approx(0.9 * 1.09 + 0.1)
+
+
+def test_prefetch_window_times_one_layer_step_in_sample_every():
+    """Only a timed step makes markers: its copies start and end, and the next step closes its window."""
+    # step 0: start, end, step 1: now (steps 1 and 2 untimed); step 3: start, end, step 4: now
+    clock = _Clock([0.0, 2.0, 5.0, 20.0, 21.0, 30.0, 99.0])
+    window = PrefetchWindow(clock, sample_every=3)
+    for copies in (2, 1, 1, 1, 1):
+        _layer(window, copies)
+    window.measure()
+    assert window.copy_s == pytest.approx(1.0) and window.window_s == pytest.approx(0.9 * 3 + 0.1 * 9)
+    assert next(clock.times) == 99.0  # no other marker made
 
 
 class _Fixed:

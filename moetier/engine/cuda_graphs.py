@@ -29,7 +29,7 @@ from moetier.models.transformer import CausalLM
 from moetier.moe.grouped import GEMV_MAX_TOKENS
 from moetier.moe.layer import MoELayer
 from moetier.moe.router import Routing
-from moetier.offload.executor import CapturedRound, OffloadedExecutor, PublishedRouting
+from moetier.offload.executor import CapturedRound, CapturedStep, OffloadedExecutor, PublishedRouting
 
 _BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # A step's graph is captured in this many pieces of consecutive layers, launched back to back: the
@@ -159,7 +159,7 @@ class _ExpertCall:
                  guess_TK: torch.Tensor | None, published: PublishedRouting | None):
         self.layer, self.x_TD, self.routing, self.y_TD, self.guess_TK = layer, x_TD, routing, y_TD, guess_TK
         self.published = published
-        self.compute: torch.cuda.CUDAGraph | CapturedRound | None = None
+        self.compute: CapturedStep | CapturedRound | None = None
 
 
 class _GraphBreaks:

@@ -36,6 +36,7 @@ import torch
 
 from moetier.kernels.first_copy import FirstMissCopy
 from moetier.kernels.routing_mailbox import Region, RoutingMailbox
+from moetier.kernels.slot_lookup import lookup_slots
 from moetier.models.spec import ModelSpec
 from moetier.moe.dispatch import combine, dispatch, dispatch_round, weighted_k_sum
 from moetier.moe.executor import expert_kernels
@@ -68,7 +69,7 @@ PREDICTION_MIN_PRECISION = 0.5
 # becomes predictable turns prefetching back on; the others skip the predictor's kernels.
 PREDICTION_PROBE_EVERY = 8
 # A captured GEMV-sized step with at least this many loads computes its other experts while the last copy
-# streams in (_split_at_last_copy). With fewer, the copies are short next to the extra replay's and table's
+# streams in (_replay_step). With fewer, the copies are short next to the extra replay's and table's
 # host time.
 SPLIT_MIN_LOADS = 3
 # In graphed decode at GEMV sizes, the GPU copies each layer's first miss itself (kernels/first_copy.py) when
@@ -137,12 +138,12 @@ class OffloadedExecutor:
         return self.store
 
     def run(self, layer: int, x_TD: torch.Tensor, routing: Routing, guess_TK: torch.Tensor | None = None,
-            compute: "torch.cuda.CUDAGraph | CapturedRound | None" = None, published: "PublishedRouting | None" = None
+            compute: "CapturedStep | CapturedRound | None" = None, published: "PublishedRouting | None" = None
             ) -> torch.Tensor | None:
         """The routed experts' output for the step, or None when `compute` wrote it. From piecewise decode
         graphs: `guess_TK`, the predictor's guess that the graph before already enqueued, `compute`,
-        what capture_compute() captured for these very tensors: at GEMV sizes a graph of the whole step,
-        replayed when its experts all fit (twice when split at its last copy); else a graph of one round,
+        what capture_compute() captured for these very tensors: at GEMV sizes graphs of the whole step, one
+        replayed when its experts all fit (both when split at its last copy); else a graph of one round,
         replayed for every round; and `published`, where that graph writes the routing and the guess on
         the host."""
         captured = compute if isinstance(compute, CapturedRound) else None
@@ -159,7 +160,7 @@ class OffloadedExecutor:
         # The first misses copy into the spare slots before the rest of the host work (planner.py).
         claimed = self.planner.claim_free(layer, needed)
         by_gpu = self._copied_by_gpu(layer, claimed)
-        first_copy = self._copy_claimed(layer, claimed[by_gpu:])
+        first_copy = self._copy_claimed(layer, claimed[by_gpu:], timed=self.window.times_step())
         self.window.copies_start(first_copy)
         self.window.window_ends(first_layer=layer == self.moe_layers[0])
         if layer == self.moe_layers[0]:
@@ -170,25 +171,22 @@ class OffloadedExecutor:
         self._score_guess(layer, needed)
         ready = sorted(hits + loads)
         fits = len(ready) == len(needed)
-        split = fits and isinstance(compute, torch.cuda.CUDAGraph) and len(loads) >= SPLIT_MIN_LOADS
+        step_graphs = compute if isinstance(compute, CapturedStep) else None
+        split = fits and step_graphs is not None and len(loads) >= SPLIT_MIN_LOADS
         overlap = bool(hits and loads) and x_TD.shape[0] >= OVERLAP_MIN_TOKENS and not split
         if fits and not overlap:
             if captured is not None:  # reads its own round table, not the layer's
                 self._captured_round(captured, layer, ready, x_TD)
                 y_TD = weighted_k_sum(captured.out_A1D[:-1], routing.topk_weights_TK)
-            elif split:
-                self._split_at_last_copy(compute, layer, hits, loads)
+            elif step_graphs is not None:
+                self._replay_step(step_graphs, layer, [hits + loads[:-1], loads[-1:]] if split else [ready])
                 y_TD = None
             else:
                 # The slot table goes up before the wait, so its copy runs on the idle compute stream beside
                 # the experts' copies, not after them on the way to the next layer's routing read.
                 self.pool.device_table(layer)
                 self._wait_for_copies(layer, ready)
-                if compute is None:
-                    y_TD = self._compute_all(layer, x_TD, routing)
-                else:
-                    compute.replay()
-                    y_TD = None
+                y_TD = self._compute_all(layer, x_TD, routing)
             self._mark_read(layer, ready)
         else:
             rounds = [sorted(hits), sorted(loads)] if overlap else [ready]
@@ -246,17 +244,17 @@ class OffloadedExecutor:
         self._wait_for_copies(layer, experts)
         captured.graph.replay()
 
-    def _split_at_last_copy(self, graph: torch.cuda.CUDAGraph, layer: int, hits: list[int], loads: list[int]
-                            ) -> None:
-        """The step's captured graph replayed twice, over the layer's table holding first every expert but
-        the last load, once their copies completed, then that one alone, once its copy completed: of the
-        experts' GEMVs only one expert's stands between the layer's last copy and the next layer's routing
-        read, where the copy engine idles. The graph computes the rows of the experts the table maps (the
-        others keep the first replay's) and then the weighted sum: the second replay's is the step's.
-        (`loads` in copy order.)"""
-        for experts in (hits + loads[:-1], loads[-1:]):
+    def _replay_step(self, captured: "CapturedStep", layer: int, parts: list[list[int]]) -> None:
+        """The step's captured graphs, one per part of its experts (in copy order), each replayed once the part's
+        copies landed, over a table that maps that part alone. Two parts split the step at its last copy: of
+        the experts' GEMVs only one expert's then stands between the layer's last copy and the next layer's
+        routing read, where the copy engine idles. Each graph computes the rows of the experts its table maps
+        (the others keep the replay's before) and then the weighted sum: the last replay's is the step's.
+        The tables are pinned host rows the graphs read (kernels/slot_lookup.py): written here, not uploaded."""
+        for graph, table_E, experts in zip(captured.graphs, captured.tables_E, parts):
             if experts:
-                self.pool.device_table_of(layer, experts)
+                table_E.fill(-1)
+                table_E[experts] = self.pool.host_tables[layer][experts]
                 self._wait_for_copies(layer, experts)
                 graph.replay()
 
@@ -340,14 +338,13 @@ class OffloadedExecutor:
         self.gpu_first_copies += 1
         return 1
 
-    def _copy_claimed(self, layer: int, claimed: list[tuple[int, int]]) -> Event | None:
+    def _copy_claimed(self, layer: int, claimed: list[tuple[int, int]], timed: bool) -> Event | None:
         """Starts the copies of the misses claim_free booked into free slots; the first one's event, a timing
-        one: the layer's other copies are timed from it (PrefetchWindow.copies_start)."""
+        one if `timed`: the layer's other copies are timed from it (PrefetchWindow.copies_start)."""
         if not claimed:
             return None
-        with self.copy_engine.issuing():
-            for i, (e, slot) in enumerate(claimed):
-                self._copy_into(ExpertId(layer, e), slot, None, timed=i == 0)
+        for i, (e, slot) in enumerate(claimed):
+            self._copy_into(ExpertId(layer, e), slot, None, timed=timed and i == 0)
         return self.pool.filled[claimed[0][1]]
 
     def _copy_into(self, expert: ExpertId, slot: int, evicted: ExpertId | None, timed: bool = False) -> None:
@@ -367,12 +364,11 @@ class OffloadedExecutor:
         else:
             hits, planned = self.planner.next_round(layer, experts, *next_round)
         loaded = []
-        with self.copy_engine.issuing():
-            for e, slot, evicted in planned:  # each copy starts before the next load is planned
-                if len(loaded) >= copied:
-                    self._copy_into(ExpertId(layer, e), slot, evicted)
-                    self.prefetched.discard(evicted)
-                loaded.append(e)
+        for e, slot, evicted in planned:  # each copy starts before the next load is planned
+            if len(loaded) >= copied:
+                self._copy_into(ExpertId(layer, e), slot, evicted)
+                self.prefetched.discard(evicted)
+            loaded.append(e)
         self.bytes_copied += len(loaded) * self.layout.slot_bytes
         if prefetch:
             self.prefetched.update(ExpertId(layer, e) for e in loaded)
@@ -477,7 +473,7 @@ class OffloadedExecutor:
     def _compute_all(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         bank, slot_of_expert_E = self.pool.bank, self.pool.device_table(layer)
         if self._gemv_sized(x_TD):
-            return self._gemv_all(layer, x_TD, routing)
+            return self._gemv_all(slot_of_expert_E, x_TD, routing)
         plan = dispatch(x_TD, routing, bank.num_slots, slot_of_expert_E)
         return combine(self.kernel(plan, bank, self.spec), plan, routing)
 
@@ -485,20 +481,21 @@ class OffloadedExecutor:
         """Whether the step's experts run through the decode GEMV (else the grouped kernel)."""
         return self.gemv and x_TD.shape[0] <= GEMV_MAX_TOKENS
 
-    def _gemv_all(self, layer: int, x_TD: torch.Tensor, routing: Routing, out_AD: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-        """Every assignment through the slot of its expert (the device table as it stands; into out_AD, if
-        given, where the rows of experts the table lacks keep their values)."""
-        out_AD = gemv_experts(x_TD, self.pool.tables[layer][routing.topk_ids_TK.reshape(-1)], self.pool.bank, out_AD)
-        return weighted_k_sum(out_AD, routing.topk_weights_TK)
+    def _gemv_all(self, table_E: torch.Tensor, x_TD: torch.Tensor, routing: Routing,
+                  out_AD: torch.Tensor | None = None) -> torch.Tensor:
+        """Every assignment through the slot of its expert in table_E (on the device or pinned: as it stands
+        when the kernels run; into out_AD, if given, where the rows of experts the table lacks keep their
+        values)."""
+        slots_A = lookup_slots(table_E, routing.topk_ids_TK.reshape(-1))
+        return weighted_k_sum(gemv_experts(x_TD, slots_A, self.pool.bank, out_AD), routing.topk_weights_TK)
 
     def capture_compute(self, layer: int, x_TD: torch.Tensor, routing: Routing, y_TD: torch.Tensor,
-                        pool) -> "torch.cuda.CUDAGraph | CapturedRound | None":
-        """For piecewise decode graphs, on their capture stream, over these static tensors. At GEMV sizes a
-        graph of _gemv_all into y_TD, its rows in a static buffer, which run() replays when every expert the
-        step needs is resident (its table uploaded first): one replay instead of the slot gather, two GEMV
-        launches and the k-weighted sum (at batch 1 the host, not the copy engine, set the pace:
-        benchmarks/host_time_offload.py); twice, when it splits the step at its last copy. At
+                        pool) -> "CapturedStep | CapturedRound | None":
+        """For piecewise decode graphs, on their capture stream, over these static tensors. At GEMV sizes two
+        graphs of _gemv_all into y_TD, each over one of the layer's pinned replay tables, their rows in a
+        static buffer, which run() replays when every expert the step needs is resident: one replay instead of
+        the slot lookup, two GEMV launches and the k-weighted sum (at batch 1 the host, not the copy engine,
+        set the pace: benchmarks/host_time_offload.py); both, when it splits the step at its last copy. At
         grouped sizes a graph of one round (_compute_round) from a static slot table into a static output,
         which run() replays for each round of the step: its dozen launches cost ~0.5-0.9 ms of host time a
         round on the device H100, a replay one launch (torch ops took 15-230 us of host time each
@@ -507,7 +504,10 @@ class OffloadedExecutor:
         if not self._gemv_sized(x_TD):
             return self._capture_round(x_TD, routing, pool) if self.kernel is grouped_experts else None
         _, out_A1D = self._shared_buffers(x_TD, routing)
-        return _captured(lambda: y_TD.copy_(self._gemv_all(layer, x_TD, routing, out_A1D[:-1])), pool)
+        tables = self.pool.replay_tables[layer]
+        graphs = tuple(_captured(lambda t=table_E: y_TD.copy_(self._gemv_all(t, x_TD, routing, out_A1D[:-1])), pool)
+                       for table_E in tables)
+        return CapturedStep(graphs, tuple(table_E.numpy() for table_E in tables))
 
     def _capture_round(self, x_TD: torch.Tensor, routing: Routing, pool) -> "CapturedRound":
         """A graph of _compute_round over these static tensors. Its table and output are shared by every
@@ -630,6 +630,15 @@ class PublishedRouting:
     def guess_on_host(self, tokens: int, top_k: int) -> np.ndarray:
         """The guess of the first `tokens` rows, k-major (every token's first choice first)."""
         return self.mailbox.read(self.guess, tokens * top_k).reshape(tokens, top_k).T.ravel()
+
+
+@dataclass(frozen=True)
+class CapturedStep:
+    """A GEMV-sized step's expert compute captured for one decode bucket and layer (capture_compute), once per
+    pinned replay table of the layer: replaying graphs[i] computes the rows of the experts tables_E[i] (the
+    table's numpy view, written by the host) maps, then the step's weighted sum."""
+    graphs: tuple[torch.cuda.CUDAGraph, ...]
+    tables_E: tuple[np.ndarray, ...]
 
 
 @dataclass(frozen=True)

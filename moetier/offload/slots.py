@@ -1,5 +1,5 @@
 """SlotPool: the GPU tier. One ExpertBank of S slots shared by every MoE layer, the per-layer
-expert -> slot tables on the device for dispatch (with their host mirrors), and per slot the
+expert -> slot tables on the device for dispatch (with their host mirrors, and pinned ones for replays), and per slot the
 events that order refills: the copy that filled it and the last kernel that read it. Which expert
 goes where is decided by the SlotPlanner (offload/planner.py).
 """
@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from moetier.moe.experts import ExpertBank, ExpertId, ExpertLayout
-from moetier.offload.copy_engine import Event, current_stream
+from moetier.offload.copy_engine import Event
+from moetier.offload.cuda_runtime import CudaEvent, cuda_runtime, current_raw_stream
 
 
 class SlotPool:
@@ -23,6 +24,11 @@ class SlotPool:
         # numpy: with torch tensors, assign (two element writes) took ~17 us a call under cProfile on the device machine
         self.host_tables = {layer: np.full(num_experts, -1, dtype=np.int64) for layer in moe_layers}
         self.tables = {layer: torch.full((num_experts,), -1, dtype=torch.int64, device=device) for layer in moe_layers}
+        # the tables that the captured GEMV-sized steps read from pinned host memory, two a layer (a step may
+        # replay its graphs of both before either runs: OffloadedExecutor._replay_step), written before each replay
+        on_cuda = device.type == "cuda"
+        self.replay_tables = {layer: torch.full((2, num_experts), -1, dtype=torch.int64, pin_memory=on_cuda).unbind(0)
+                              for layer in moe_layers}
         self.last_read: list[Event | None] = [None] * num_slots
         self.filled: list[Event | None] = [None] * num_slots  # the copy into the slot, until compute waited on it
         self._dirty: set[int] = set()
@@ -55,12 +61,6 @@ class SlotPool:
         row_E[experts] = self.host_tables[layer][experts]
         return upload(into)
 
-    def device_table_of(self, layer: int, experts: list[int]) -> None:
-        """Uploads into the layer's device table the slots of `experts` alone (-1 for the others), for a
-        replay that computes those; the next device_table() call uploads the whole table again."""
-        self.table_of(layer, experts, -1, into=self.tables[layer])
-        self._dirty.add(layer)
-
     def device_table(self, layer: int) -> torch.Tensor:
         """The layer's expert -> slot table (int64 [E], -1 when absent) on the device, up to date."""
         if layer in self._dirty:
@@ -84,10 +84,11 @@ class TableUploads:
         # each row's tensor and numpy view made once (indexing and .numpy() cost host time every upload)
         self.rows_W = list(host_RW.unbind(0))
         self.rows_np = [row.numpy() for row in self.rows_W]
-        self.copied: list[torch.cuda.Event | None] = [None] * rows  # made once per row, recorded again
+        self.copied: list[CudaEvent | None] = [None] * rows  # made once per row, recorded again
         self._next = 0
         if device.type == "cuda":
             self.device_index = device.index if device.index is not None else torch.cuda.current_device()
+            self.runtime = cuda_runtime()
 
     def next_row(self) -> tuple[np.ndarray, Callable[[torch.Tensor | None], torch.Tensor]]:
         """A row to write the table into, and the call that then uploads it: into the device tensor given,
@@ -95,7 +96,7 @@ class TableUploads:
         row = self._next
         self._next = (row + 1) % len(self.copied)
         if self.copied[row] is not None:
-            self.copied[row].synchronize()
+            self.copied[row].wait()
         return self.rows_np[row], lambda into: self._upload(row, into)
 
     def _upload(self, row: int, into: torch.Tensor | None) -> torch.Tensor:
@@ -104,8 +105,9 @@ class TableUploads:
             table = source_W.to(self.device, copy=True)
             return table if into is None else into.copy_(table)
         table = torch.empty(source_W.shape[0], dtype=torch.int64, device=self.device) if into is None else into
-        table.copy_(source_W, non_blocking=True)
+        stream = current_raw_stream(self.device_index)
+        self.runtime.copy_to_device(table.data_ptr(), source_W.data_ptr(), source_W.nbytes, stream)
         if self.copied[row] is None:
-            self.copied[row] = torch.cuda.Event()
-        self.copied[row].record(current_stream(self.device_index))
+            self.copied[row] = CudaEvent(self.runtime)
+        self.copied[row].record(stream)
         return table

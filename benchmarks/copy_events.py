@@ -15,7 +15,7 @@ import statistics
 import torch
 from arena_copy_rate import torch_pinned
 
-from moetier.offload.cuda_runtime import cuda_runtime
+from moetier.offload.copy_engine import runtime_memcpy
 
 EXPERT_BYTES = 3 * 2048 * 768 * 2
 COPIES = 42  # a batch-1 step of uniform Qwen3 at 12 GiB copies ~7 experts a layer, ~335 a step
@@ -27,7 +27,9 @@ VARIANTS = {"one_stream": (1, None), "one_stream_timing_events": (1, "timing"), 
 
 class Copies:
     def __init__(self):
-        self.memcpy = cuda_runtime().copy_to_device
+        self.memcpy = runtime_memcpy()
+        if self.memcpy is None:
+            raise SystemExit("no CUDA runtime library mapped: nothing to measure")
         self.experts, self.arena = torch_pinned(ARENA_BYTES, EXPERT_BYTES)
         self.slots = torch.empty(COPIES, EXPERT_BYTES, dtype=torch.uint8, device="cuda")
         self.whole = torch.ones(COPIES * EXPERT_BYTES, dtype=torch.uint8, pin_memory=True)

@@ -85,8 +85,9 @@ def main() -> None:
     hook(executor, "_read_routing", returned="read")
     hook(executor.planner, "claim_free", returned="claim")
     hook(executor.store, "copy_in", entered="copy_in")
-    hook(executor.copy_engine.runtime, "stream_wait", returned="waited")
-    hook(executor.copy_engine.runtime, "copy_to_device", entered="memcpy_called", returned="memcpy_returned")
+    hook(executor.copy_engine.stream, "wait_event", returned="waited")
+    if executor.copy_engine.memcpy is not None:
+        hook(executor.copy_engine, "memcpy", entered="memcpy_called", returned="memcpy_returned")
     copy = executor.copy_engine.copy
 
     def timed_copy(*args):

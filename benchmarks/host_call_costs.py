@@ -1,9 +1,8 @@
 """Host microseconds per call of what the copy path calls, each timed over 2000 calls: torch's copy_ of a
-pinned slice, a new event recorded (plain and timing), an event recorded again, queried, a stream wait,
-entering and leaving a stream context, looking up the current stream; the same through the CUDA runtime's
-own calls (offload/cuda_runtime.py, what the copy engine uses), and cudaMemcpyAsync one call at a time on an
-idle stream: by size, and an expert's alone, after a stream wait and from a 32 GiB pinned arena. One JSON
-object.
+pinned slice, a new event recorded (plain and timing), an event recorded again, a stream wait, entering
+and leaving a stream context, looking up the current stream, and cudaMemcpyAsync through ctypes (the
+runtime library torch loaded), also one call at a time on an idle stream: by size, and an expert's alone,
+after a stream wait and from a 32 GiB pinned arena. One JSON object.
 
     python benchmarks/host_call_costs.py
 """
@@ -13,7 +12,7 @@ import time
 
 import torch
 
-from moetier.offload.cuda_runtime import CudaEvent, cuda_runtime, current_raw_stream
+from moetier.offload.copy_engine import runtime_memcpy
 
 CALLS = 2000
 
@@ -35,9 +34,7 @@ def main() -> None:
     src = torch.empty(4096, dtype=torch.uint8).pin_memory()
     dst = torch.empty(4096, dtype=torch.uint8, device=device)
     event = torch.cuda.Event()
-    runtime = cuda_runtime()
-    memcpy = runtime.copy_to_device
-    raw_event, raw_stream = CudaEvent(runtime), stream.cuda_stream
+    memcpy = runtime_memcpy()
 
     def stream_context() -> None:
         with torch.cuda.stream(stream):
@@ -52,46 +49,11 @@ def main() -> None:
         "stream_ctx": per_call_us(stream_context),
         "current_stream_idx": per_call_us(lambda: torch.cuda.current_stream(device.index or 0)),
     }
-    costs.update({
-        "runtime_memcpy": per_call_us(lambda: memcpy(dst.data_ptr(), src.data_ptr(), 4096, raw_stream)),
-        "runtime_event_new_record": per_call_us(lambda: CudaEvent(runtime).record(raw_stream)),
-        "runtime_timing_event_new_record": per_call_us(lambda: CudaEvent(runtime, timing=True).record(raw_stream)),
-        "runtime_event_record_reuse": per_call_us(lambda: raw_event.record(raw_stream)),
-        "runtime_event_query": per_call_us(raw_event.query),
-        "runtime_wait_event": per_call_us(lambda: runtime.stream_wait(raw_stream, raw_event.handle)),
-        "current_raw_stream": per_call_us(lambda: current_raw_stream(device.index or 0)),
-        "event_query": per_call_us(event.query),
-        **graph_launch_costs(runtime, device),
-        "memcpy_after_sync": memcpy_after_sync_us(memcpy, stream, device),
-        "expert_memcpy_after_sync": expert_memcpy_after_sync_us(memcpy, stream, device),
-    })
+    if memcpy is not None:
+        costs["ctypes_memcpy"] = per_call_us(lambda: memcpy(dst.data_ptr(), src.data_ptr(), 4096, stream.cuda_stream))
+        costs["ctypes_memcpy_after_sync"] = memcpy_after_sync_us(memcpy, stream, device)
+        costs["expert_memcpy_after_sync"] = expert_memcpy_after_sync_us(memcpy, stream, device)
     print(json.dumps(costs))
-
-
-def graph_launch_costs(runtime, device: torch.device, queued: int = 400) -> dict[str, float]:
-    """A graph of two small kernels launched by torch's replay() and by cudaGraphLaunch: host us per call, and
-    GPU us per launch of `queued` launches queued behind a 100 ms sleep kernel (so the GPU runs them back to
-    back: whatever torch queues beside the graph shows there)."""
-    x = torch.zeros(4096, device=device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        x.add_(1).mul_(1)
-    stream = torch.cuda.current_stream(device)
-    graph_exec = graph.raw_cuda_graph_exec()
-    calls = {"graph_replay": graph.replay,
-             "runtime_graph_launch": lambda: runtime.launch_graph(graph_exec, stream.cuda_stream)}
-    costs = {}
-    for name, call in calls.items():
-        costs[name] = per_call_us(call)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(200_000_000)
-        start.record(stream)
-        for _ in range(queued):
-            call()
-        end.record(stream)
-        end.synchronize()
-        costs[name + "_gpu"] = round(start.elapsed_time(end) * 1e3 / queued, 2)
-    return costs
 
 
 def memcpy_after_sync_us(memcpy, stream: torch.cuda.Stream, device: torch.device) -> dict[str, float]:

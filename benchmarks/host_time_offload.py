@@ -107,7 +107,8 @@ def main() -> None:
     for name in ("run", "_read_routing", "_plan_and_copy", "_compute_all", "_compute_in_rounds", "_compute_round",
                  "_round_slots", "_prefetch_next", "_wait_for_copies", "_mark_read", "_score_guess", "_copy_claimed",
                  "_copied_by_gpu", "_replay_step", "_fold_in_timings", "_copy_into", "command_first_copy"):
-        time_calls(executor, name, seconds)
+        if hasattr(executor, name):  # (an older executor, run for comparison, may lack some)
+            time_calls(executor, name, seconds)
     time_after_routing(executor, seconds)
     for name in ("access", "claim_free", "end_step", "start_round"):
         time_calls(executor.planner, name, seconds, "planner.")

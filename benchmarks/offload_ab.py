@@ -5,6 +5,8 @@ machine effect), in alternating rounds of timed decode steps (or prefills). One 
         (cuda_graphs.PiecewiseDecodeGraphs); off, the executor computes and predicts eagerly.
     --toggle spare: the planner's spare slots (planner.py: the first misses copy right after the routing
         read); off, no slot is kept free, and every miss waits for the step's planning.
+    --toggle memcpy: expert copies through the runtime's cudaMemcpyAsync (copy_engine.py); off, through
+        torch's copy_ on the copy stream made current.
     --toggle ahead: a layer step's rounds after the first planned and copying while the round before waits
         for its copies (planner.next_round); off, each planned after the round before computed, as large as
         fits (the executor before 2026-11-22).
@@ -60,6 +62,15 @@ def spare_switch(engine: Engine):
 
     def switch(on: bool) -> None:
         planner.spare = spare if on else 0
+    return switch
+
+
+def memcpy_switch(engine: Engine):
+    copy_engine = engine.executor.copy_engine
+    memcpy = copy_engine.memcpy
+
+    def switch(on: bool) -> None:
+        copy_engine.memcpy = memcpy if on else None
     return switch
 
 
@@ -126,7 +137,7 @@ def first_copy_switch(engine: Engine):
     return switch
 
 
-SWITCHES = {"captured": captured_switch, "spare": spare_switch, "ahead": ahead_switch,
+SWITCHES = {"captured": captured_switch, "spare": spare_switch, "memcpy": memcpy_switch, "ahead": ahead_switch,
             "round-guess": round_guess_switch, "split": split_switch, "mailbox": mailbox_switch,
             "first-copy": first_copy_switch, "recorder": recorder_switch}
 

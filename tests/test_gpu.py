@@ -276,6 +276,7 @@ def test_offloaded_bf16_equals_resident_bitwise_on_cuda(slots, predictor, tmp_pa
     offloaded = LLM(str(tmp_path), dtype="bfloat16", device="cuda", max_model_len=128, max_num_seqs=8,
                     expert_slots=slots, predictor=predictor)
     assert isinstance(offloaded.engine.runner.graphs, PiecewiseDecodeGraphs)
+    assert offloaded.engine.executor.copy_engine.memcpy is not None  # the runtime's cudaMemcpyAsync copies
     ids = list(range(10, 70))
     assert torch.equal(offloaded.score(ids), resident.score(ids))
     # decode through the piecewise graphs (6 sequences in the bucket of 8: grouped experts, padding

@@ -1,33 +1,36 @@
 """Copy engines: host -> device expert copies that run beside compute, ordered by events.
 
-The interface is seven calls. `copy(dst, src, after, timed)` starts a copy once the reader event `after`
+The interface is these calls. `copy(dst, src, after, timed)` starts a copy once the reader event `after`
 (the last kernel that read dst) has completed and returns an event that completes when dst's latest copy
 has (a timing one only if `timed`: one after every copy slowed back-to-back 9.4 MB copies from 53.8 to
 53.5 GB/s on the device H100, benchmarks/copy_events.py); `wait(events)` makes
 compute wait for copies, and `stall_seconds()` says how long it stood still for them;
 `synchronize(event)` blocks the host until a copy has completed (before its source is
 overwritten); `mark_read(buffers)` returns an event recorded after the compute issued so far, which
-the caller keeps as the last reader of those buffers; `marker(on_copies)` returns a timing event
+the caller keeps as the last reader of those buffers, and `reads_complete()` says that all of those made so
+far have completed (once the host has seen the GPU pass them); `marker(on_copies)` returns a timing event
 that completes when the copies (or the compute) issued so far have, and `elapsed(a, b)` the
-seconds between two completed markers.
+seconds between two completed markers. Copies issued together go inside `with engine.issuing():`,
+which sets up the copy stream once for all of them.
 
-CudaCopyEngine: a dedicated copy stream, non-blocking copies from pinned memory, runtime events, all through
-the CUDA runtime's own calls (cuda_runtime.py); compute waits on the device (no host sync), only
-`synchronize` blocks the host. DelayedCopyEngine: the CPU
+CudaCopyEngine: a dedicated copy stream, non-blocking copies from pinned memory (cudaMemcpyAsync of the
+runtime torch loaded, called through ctypes, else torch's copy_), CUDA events; compute waits on the
+device (no host sync), only `synchronize` blocks the host. DelayedCopyEngine: the CPU
 stand-in for tests; it copies on a worker thread after an injected delay, so a missing wait reads
 stale bytes and gives wrong numbers, and it records every copy into a buffer whose last reader was
 not given as `after`.
 """
 
+import contextlib
+import ctypes
 import queue
 import threading
 import time
 from collections import deque
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import ContextManager, Protocol
 
 import torch
-
-from moetier.offload.cuda_runtime import CudaEvent, cuda_runtime, current_raw_stream
 
 
 class Event(Protocol):
@@ -43,6 +46,8 @@ class Event(Protocol):
 class CopyEngine(Protocol):
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None, timed: bool = False) -> Event: ...
 
+    def issuing(self) -> ContextManager[None]: ...
+
     def wait(self, events: list[Event]) -> None:
         """Compute waits for these copies."""
         ...
@@ -57,41 +62,129 @@ class CopyEngine(Protocol):
 
     def mark_read(self, buffers: list[torch.Tensor]) -> Event: ...
 
+    def reads_complete(self) -> None:
+        """Every reader event mark_read returned so far has completed (the caller saw the GPU pass work queued
+        after them): a copy after one of them need not ask."""
+        ...
+
     def marker(self, on_copies: bool) -> Event: ...
 
     def elapsed(self, start: Event, end: Event) -> float: ...
 
 
+_NOTHING_WAITED = object()  # a batch has started copying but waited for no reader yet
+_NO_SETUP = contextlib.nullcontext()
+_HOST_TO_DEVICE = 1  # cudaMemcpyKind
+
+
+def runtime_memcpy() -> Callable[[int, int, int, int], None] | None:
+    """cudaMemcpyAsync(dst, src, bytes, host to device, stream) of the CUDA runtime library torch loaded,
+    through ctypes, or None where no such library is mapped (a static build: copies go through torch).
+    ~2 us of host time a call where torch's copy_ took ~9 us and making the copy stream current ~5 us
+    more (measured on the device H100), all before each layer's first copy can start."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+    except OSError:
+        return None
+    if len(paths) != 1:
+        return None
+    memcpy = ctypes.CDLL(paths.pop()).cudaMemcpyAsync
+    memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    memcpy.restype = ctypes.c_int
+
+    def copy(dst: int, src: int, nbytes: int, stream: int) -> None:
+        status = memcpy(dst, src, nbytes, _HOST_TO_DEVICE, stream)
+        if status:
+            raise RuntimeError(f"cudaMemcpyAsync failed: CUDA error {status}")
+    return copy
+
+
+_streams_by_id: dict[tuple[int, int], torch.cuda.Stream] = {}
+
+
+def current_stream(device_index: int) -> torch.cuda.Stream:
+    """torch.cuda.current_stream(device_index) without making a Stream object each call (inside a device
+    context: ~6 us of host time a call on the device H100, several calls a MoE layer,
+    benchmarks/host_call_costs.py): the objects are kept by stream id."""
+    key = (device_index, torch._C._cuda_getCurrentStream(device_index)[0])
+    stream = _streams_by_id.get(key)
+    if stream is None:
+        stream = _streams_by_id[key] = torch.cuda.current_stream(device_index)
+    return stream
+
+
 class CudaCopyEngine:
     def __init__(self, device: torch.device):
+        # An int: torch.cuda.current_stream(torch.device) resolves the device through a slow path.
         self.device_index = device.index if device.index is not None else torch.cuda.current_device()
-        self.runtime = cuda_runtime()
         self.stream = torch.cuda.Stream(device)
-        self.stream_handle = self.stream.cuda_stream
-        # each destination's one plain event, recorded again by every copy into it: what the executor keeps of
-        # a copy is whether the slot's bytes have landed, and a slot takes new bytes only after its readers
-        self._landed: dict[int, CudaEvent] = {}
-        self._stalls: deque[tuple[CudaEvent, CudaEvent]] = deque()
-        self._spare_pairs: list[tuple[CudaEvent, CudaEvent]] = []  # read stall pairs, recorded again
+        self.memcpy = runtime_memcpy()  # None: torch's copy_ on the copy stream made current
+        self._stalls: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._spare_pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # read stall pairs, recorded again
+        self._batch: contextlib.ExitStack | None = None  # while issuing through torch: holds the copy stream once current
         self._waited: Event | None = None  # the reader event the stream last waited for
+        # each destination's one plain event, recorded again by every copy into it (0.8 us of host time against
+        # 2.4 for a new one, benchmarks/host_call_costs.py): what a slot's copy event says is whether its bytes
+        # have landed, and a slot takes new bytes only once its readers are done
+        self._landed: dict[int, torch.cuda.Event] = {}
+        self._reads_marked = 0  # reader events made
+        self._reads_done = 0  # of those, the first this many have completed (reads_complete)
+
+    def issuing(self) -> ContextManager[None]:
+        """A batch of copies: copies through torch make the copy stream current at the first and keep it
+        so until the batch ends (switching streams per copy cost more host time than the copy's launch).
+        Copies through the runtime name their stream: nothing to set up."""
+        return _NO_SETUP if self.memcpy is not None else self._torch_batch()
+
+    @contextlib.contextmanager
+    def _torch_batch(self) -> Iterator[None]:
+        if self._batch is not None:
+            yield
+            return
+        self._batch, self._waited = contextlib.ExitStack(), None
+        try:
+            yield
+        finally:
+            batch, self._batch = self._batch, None
+            batch.close()
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None, timed: bool = False) -> Event:
-        # A reader that completed needs no wait: after the routing read, every one recorded before it.
-        if after is not None and after is not self._waited and not after.query():
-            self.runtime.stream_wait(self.stream_handle, after.handle)
+        if self.memcpy is None:
+            return self._copy_through_torch(dst, src, after, timed)
+        # A reader that completed needs no wait: after the routing read, every one recorded before it (a
+        # stream wait cost ~6 us of host time before a layer's first copy, and its launch ~2 us more); nor a
+        # query when it is known to have (a query took ~3.5 us while the GPU was busy, on the device H100).
+        if after is not None and after is not self._waited and after.seq > self._reads_done and not after.query():
+            self.stream.wait_event(after)
             self._waited = after  # the stream keeps its order: a later copy after the same reader need not wait
         # both contiguous bytes; the source pinned and kept by the store until the copy completed
         if dst.nbytes != src.nbytes:
             raise ValueError(f"copy of {src.nbytes} bytes into {dst.nbytes}")
-        destination = dst.data_ptr()
-        self.runtime.copy_to_device(destination, src.data_ptr(), dst.nbytes, self.stream_handle)
+        self.memcpy(dst.data_ptr(), src.data_ptr(), dst.nbytes, self.stream.cuda_stream)
+        return self._copied(dst, timed)
+
+    def _copy_through_torch(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None, timed: bool) -> Event:
+        if self._batch is None:
+            with self.issuing():
+                return self._copy_through_torch(dst, src, after, timed)
+        if self._waited is None:  # the batch's first copy
+            self._batch.enter_context(torch.cuda.stream(self.stream))
+            self._waited = _NOTHING_WAITED
+        if after is not None and after is not self._waited:  # slots read by one round share their reader
+            self.stream.wait_event(after)
+            self._waited = after
+        dst.copy_(src, non_blocking=True)
+        return self._copied(dst, timed)
+
+    def _copied(self, dst: torch.Tensor, timed: bool) -> Event:
         if timed:
-            done = CudaEvent(self.runtime, timing=True)
+            done = torch.cuda.Event(enable_timing=True)
         else:
-            done = self._landed.get(destination)
+            done = self._landed.get(dst.data_ptr())
             if done is None:
-                done = self._landed[destination] = CudaEvent(self.runtime)
-        done.record(self.stream_handle)
+                done = self._landed[dst.data_ptr()] = torch.cuda.Event()
+        done.record(self.stream)
         return done
 
     def wait(self, events: list[Event]) -> None:
@@ -99,14 +192,14 @@ class CudaCopyEngine:
         how long it stood still (it has nothing else queued between them)."""
         if not events:
             return
-        stream = current_raw_stream(self.device_index)
-        if self._spare_pairs:
+        stream = current_stream(self.device_index)
+        if self._spare_pairs:  # recording an event again costs a third of making one
             before, after = self._spare_pairs.pop()
         else:
-            before, after = CudaEvent(self.runtime, timing=True), CudaEvent(self.runtime, timing=True)
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         before.record(stream)
         for event in events:
-            self.runtime.stream_wait(stream, event.handle)
+            stream.wait_event(event)
         after.record(stream)
         self._stalls.append((before, after))
 
@@ -114,25 +207,35 @@ class CudaCopyEngine:
         seconds = 0.0
         while self._stalls and self._stalls[0][1].query():
             before, after = self._stalls.popleft()
-            seconds += self.runtime.elapsed_seconds(before.handle, after.handle)
+            seconds += before.elapsed_time(after) / 1e3
             self._spare_pairs.append((before, after))
         return seconds
 
     def synchronize(self, event: Event) -> None:
-        event.wait()
+        event.synchronize()  # torch.cuda.Event.wait() would be a stream wait, not a host wait
 
     def mark_read(self, buffers: list[torch.Tensor]) -> Event:
-        event = CudaEvent(self.runtime)
-        event.record(current_raw_stream(self.device_index))
+        event = _ReadEvent()
+        event.record(current_stream(self.device_index))
+        self._reads_marked += 1
+        event.seq = self._reads_marked
         return event
 
+    def reads_complete(self) -> None:
+        self._reads_done = self._reads_marked
+
     def marker(self, on_copies: bool) -> Event:
-        event = CudaEvent(self.runtime, timing=True)
-        event.record(self.stream_handle if on_copies else current_raw_stream(self.device_index))
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.stream if on_copies else current_stream(self.device_index))
         return event
 
     def elapsed(self, start: Event, end: Event) -> float:
-        return self.runtime.elapsed_seconds(start.handle, end.handle)
+        return start.elapsed_time(end) / 1e3
+
+
+class _ReadEvent(torch.cuda.Event):
+    """A reader event, numbered in the order mark_read made it."""
+    seq: int
 
 
 class CpuEvent:
@@ -177,6 +280,9 @@ class DelayedCopyEngine:
         self._queue.put((dst, src, after, done))
         return done
 
+    def issuing(self) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
     def wait(self, events: list[Event]) -> None:
         start = time.perf_counter()
         for event in events:
@@ -195,6 +301,9 @@ class DelayedCopyEngine:
         for buffer in buffers:
             self._last_reader[buffer.data_ptr()] = event
         return event
+
+    def reads_complete(self) -> None:
+        pass  # compute is synchronous: its readers complete when recorded
 
     def marker(self, on_copies: bool) -> Event:
         if not on_copies:

@@ -157,6 +157,7 @@ class OffloadedExecutor:
         started = time.perf_counter()
         needed, guess_host = self._read_routing(routing.topk_ids_TK, guess_TK, published)  # the layer's one wait
         self.routing_sync_s += time.perf_counter() - started
+        self.copy_engine.reads_complete()  # the GPU has passed every read marked before this layer's launch
         # The first misses copy into the spare slots before the rest of the host work (planner.py).
         claimed = self.planner.claim_free(layer, needed)
         by_gpu = self._copied_by_gpu(layer, claimed)
@@ -343,8 +344,9 @@ class OffloadedExecutor:
         one if `timed`: the layer's other copies are timed from it (PrefetchWindow.copies_start)."""
         if not claimed:
             return None
-        for i, (e, slot) in enumerate(claimed):
-            self._copy_into(ExpertId(layer, e), slot, None, timed=timed and i == 0)
+        with self.copy_engine.issuing():
+            for i, (e, slot) in enumerate(claimed):
+                self._copy_into(ExpertId(layer, e), slot, None, timed=timed and i == 0)
         return self.pool.filled[claimed[0][1]]
 
     def _copy_into(self, expert: ExpertId, slot: int, evicted: ExpertId | None, timed: bool = False) -> None:
@@ -364,11 +366,12 @@ class OffloadedExecutor:
         else:
             hits, planned = self.planner.next_round(layer, experts, *next_round)
         loaded = []
-        for e, slot, evicted in planned:  # each copy starts before the next load is planned
-            if len(loaded) >= copied:
-                self._copy_into(ExpertId(layer, e), slot, evicted)
-                self.prefetched.discard(evicted)
-            loaded.append(e)
+        with self.copy_engine.issuing():
+            for e, slot, evicted in planned:  # each copy starts before the next load is planned
+                if len(loaded) >= copied:
+                    self._copy_into(ExpertId(layer, e), slot, evicted)
+                    self.prefetched.discard(evicted)
+                loaded.append(e)
         self.bytes_copied += len(loaded) * self.layout.slot_bytes
         if prefetch:
             self.prefetched.update(ExpertId(layer, e) for e in loaded)

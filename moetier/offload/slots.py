@@ -1,6 +1,6 @@
 """SlotPool: the GPU tier. One ExpertBank of S slots shared by every MoE layer, the per-layer
-expert -> slot tables on the device for dispatch (with their host mirrors, and pinned ones for replays), and per slot the
-events that order refills: the copy that filled it and the last kernel that read it. Which expert
+expert -> slot tables on the device for dispatch (with their host mirrors, and pinned ones that captured
+steps read), and per slot the events that order refills: the copy that filled it and the last kernel that read it. Which expert
 goes where is decided by the SlotPlanner (offload/planner.py).
 """
 
@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 from moetier.moe.experts import ExpertBank, ExpertId, ExpertLayout
-from moetier.offload.copy_engine import Event
-from moetier.offload.cuda_runtime import CudaEvent, cuda_runtime, current_raw_stream
+from moetier.offload.copy_engine import Event, current_stream
 
 
 class SlotPool:
@@ -84,11 +83,10 @@ class TableUploads:
         # each row's tensor and numpy view made once (indexing and .numpy() cost host time every upload)
         self.rows_W = list(host_RW.unbind(0))
         self.rows_np = [row.numpy() for row in self.rows_W]
-        self.copied: list[CudaEvent | None] = [None] * rows  # made once per row, recorded again
+        self.copied: list[torch.cuda.Event | None] = [None] * rows  # made once per row, recorded again
         self._next = 0
         if device.type == "cuda":
             self.device_index = device.index if device.index is not None else torch.cuda.current_device()
-            self.runtime = cuda_runtime()
 
     def next_row(self) -> tuple[np.ndarray, Callable[[torch.Tensor | None], torch.Tensor]]:
         """A row to write the table into, and the call that then uploads it: into the device tensor given,
@@ -96,7 +94,7 @@ class TableUploads:
         row = self._next
         self._next = (row + 1) % len(self.copied)
         if self.copied[row] is not None:
-            self.copied[row].wait()
+            self.copied[row].synchronize()
         return self.rows_np[row], lambda into: self._upload(row, into)
 
     def _upload(self, row: int, into: torch.Tensor | None) -> torch.Tensor:
@@ -105,9 +103,8 @@ class TableUploads:
             table = source_W.to(self.device, copy=True)
             return table if into is None else into.copy_(table)
         table = torch.empty(source_W.shape[0], dtype=torch.int64, device=self.device) if into is None else into
-        stream = current_raw_stream(self.device_index)
-        self.runtime.copy_to_device(table.data_ptr(), source_W.data_ptr(), source_W.nbytes, stream)
+        table.copy_(source_W, non_blocking=True)
         if self.copied[row] is None:
-            self.copied[row] = CudaEvent(self.runtime)
-        self.copied[row].record(stream)
+            self.copied[row] = torch.cuda.Event()
+        self.copied[row].record(current_stream(self.device_index))
         return table

@@ -1,9 +1,9 @@
 """Copy engines: host -> device expert copies that run beside compute, ordered by events.
 
-The interface is these calls. `copy(dst, src, after, timed)` starts a copy once the reader event `after`
-(the last kernel that read dst) has completed and returns an event that completes when dst's latest copy
-has (a timing one only if `timed`: one after every copy slowed back-to-back 9.4 MB copies from 53.8 to
-53.5 GB/s on the device H100, benchmarks/copy_events.py); `wait(events)` makes
+The interface: `copy(dst, src, after, timed)` starts a copy once the reader event `after`
+(the last kernel that read dst) has completed and returns the copy's event (a timing one only if
+`timed`: one after every copy slowed back-to-back 9.4 MB copies from 53.8 to 53.5 GB/s on the device H100,
+benchmarks/copy_events.py); `wait(events)` makes
 compute wait for copies, and `stall_seconds()` says how long it stood still for them;
 `synchronize(event)` blocks the host until a copy has completed (before its source is
 overwritten); `mark_read(buffers)` returns an event recorded after the compute issued so far, which
@@ -124,10 +124,6 @@ class CudaCopyEngine:
         self._spare_pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # read stall pairs, recorded again
         self._batch: contextlib.ExitStack | None = None  # while issuing through torch: holds the copy stream once current
         self._waited: Event | None = None  # the reader event the stream last waited for
-        # each destination's one plain event, recorded again by every copy into it (0.8 us of host time against
-        # 2.4 for a new one, benchmarks/host_call_costs.py): what a slot's copy event says is whether its bytes
-        # have landed, and a slot takes new bytes only once its readers are done
-        self._landed: dict[int, torch.cuda.Event] = {}
         self._reads_marked = 0  # reader events made
         self._reads_done = 0  # of those, the first this many have completed (reads_complete)
 
@@ -162,7 +158,7 @@ class CudaCopyEngine:
         if dst.nbytes != src.nbytes:
             raise ValueError(f"copy of {src.nbytes} bytes into {dst.nbytes}")
         self.memcpy(dst.data_ptr(), src.data_ptr(), dst.nbytes, self.stream.cuda_stream)
-        return self._copied(dst, timed)
+        return self._copied(timed)
 
     def _copy_through_torch(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None, timed: bool) -> Event:
         if self._batch is None:
@@ -175,15 +171,10 @@ class CudaCopyEngine:
             self.stream.wait_event(after)
             self._waited = after
         dst.copy_(src, non_blocking=True)
-        return self._copied(dst, timed)
+        return self._copied(timed)
 
-    def _copied(self, dst: torch.Tensor, timed: bool) -> Event:
-        if timed:
-            done = torch.cuda.Event(enable_timing=True)
-        else:
-            done = self._landed.get(dst.data_ptr())
-            if done is None:
-                done = self._landed[dst.data_ptr()] = torch.cuda.Event()
+    def _copied(self, timed: bool) -> Event:
+        done = torch.cuda.Event(enable_timing=timed)
         done.record(self.stream)
         return done
 

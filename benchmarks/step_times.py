@@ -118,7 +118,7 @@ def phase_clock(engine) -> PhaseClock:
     owners = {"scheduler": (engine.scheduler, ("schedule",)), "runner": (engine.runner, ("run",)),
               "sampler": (engine.sampler, ("sample",)), "engine": (engine, ("_append",)),
               "graphs": (engine.runner.graphs, ("_load_inputs", "_replay")),
-              "executor": (executor, ("run", "_read_routing", "_plan_and_copy", "_split_at_last_copy",
+              "executor": (executor, ("run", "_read_routing", "_plan_and_copy", "_replay_step",
                                       "_fold_in_timings", "_copy_claimed", "_mark_read", "_prefetch_next",
                                       "command_first_copy")),
               "planner": (executor.planner, ("access", "end_step"))}

@@ -1,7 +1,7 @@
 """SlotPool: the GPU tier. One ExpertBank of S slots shared by every MoE layer, the per-layer
 expert -> slot tables on the device for dispatch (with their host mirrors, and pinned ones that captured
-steps read), and per slot the events that order refills: the copy that filled it and the last kernel that read it. Which expert
-goes where is decided by the SlotPlanner (offload/planner.py).
+steps read), and per slot the events that order refills: the copy that filled it and the last kernel that
+read it. Which expert goes where is decided by the SlotPlanner (offload/planner.py).
 """
 
 from collections.abc import Callable

@@ -254,8 +254,7 @@ class OffloadedExecutor:
         The tables are pinned host rows the graphs read (kernels/slot_lookup.py): written here, not uploaded."""
         for graph, table_E, experts in zip(captured.graphs, captured.tables_E, parts):
             if experts:
-                table_E.fill(-1)
-                table_E[experts] = self.pool.host_tables[layer][experts]
+                self.pool.write_table(table_E, layer, experts, absent=-1)
                 self._wait_for_copies(layer, experts)
                 graph.replay()
 

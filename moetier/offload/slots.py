@@ -25,9 +25,9 @@ class SlotPool:
         self.tables = {layer: torch.full((num_experts,), -1, dtype=torch.int64, device=device) for layer in moe_layers}
         # the tables that the captured GEMV-sized steps read from pinned host memory, two a layer (a step may
         # replay its graphs of both before either runs: OffloadedExecutor._replay_step), written before each replay
-        on_cuda = device.type == "cuda"
-        self.replay_tables = {layer: torch.full((2, num_experts), -1, dtype=torch.int64, pin_memory=on_cuda).unbind(0)
-                              for layer in moe_layers}
+        replay_L2E = torch.full((len(moe_layers), 2, num_experts), -1, dtype=torch.int64,
+                                pin_memory=device.type == "cuda")
+        self.replay_tables = {layer: tables_2E.unbind(0) for layer, tables_2E in zip(moe_layers, replay_L2E)}
         self.last_read: list[Event | None] = [None] * num_slots
         self.filled: list[Event | None] = [None] * num_slots  # the copy into the slot, until compute waited on it
         self._dirty: set[int] = set()
@@ -56,9 +56,13 @@ class SlotPool:
         """An expert -> slot table on the device holding the slots of `experts` alone, `absent` for every other
         expert (a new tensor, or copied `into` one): a round's, or a replay's that computes those experts."""
         row_E, upload = self._uploads.next_row()
+        self.write_table(row_E, layer, experts, absent)
+        return upload(into)
+
+    def write_table(self, row_E: np.ndarray, layer: int, experts: list[int], absent: int) -> None:
+        """Writes into row_E the slots of `experts` alone, `absent` for every other expert."""
         row_E.fill(absent)
         row_E[experts] = self.host_tables[layer][experts]
-        return upload(into)
 
     def device_table(self, layer: int) -> torch.Tensor:
         """The layer's expert -> slot table (int64 [E], -1 when absent) on the device, up to date."""

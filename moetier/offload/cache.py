@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
 
-from moetier.moe.experts import ExpertId
+from moetier.moe.experts import EXPERT_IDS, ExpertId
 
 Resident = Mapping[int, Collection[ExpertId]]  # layer -> its experts that hold slots
 _UNUSED = (0.0, -1, 0, None, 0.0)  # LayerAware's use record of an expert not used yet
@@ -26,6 +26,12 @@ _UNUSED = (0.0, -1, 0, None, 0.0)  # LayerAware's use record of an expert not us
 class EvictionPolicy(ABC):
     @abstractmethod
     def access(self, expert: ExpertId) -> None: ...
+
+    def access_step(self, layer: int, experts: list[int]) -> None:
+        """access() for each of a layer step's experts, in order."""
+        ids = EXPERT_IDS[layer]
+        for e in experts:
+            self.access(ids[e])
 
     @abstractmethod
     def victim(self, candidates: Collection[ExpertId]) -> ExpertId | None: ...
@@ -201,24 +207,34 @@ class LayerAware(EvictionPolicy):
         return count - self._weight if sweep == self.sweep else count
 
     def access(self, expert: ExpertId) -> None:
-        at = (self.position[expert.layer], expert.expert)
-        if self._last is None or at[0] != self._last[0] or at <= self._last:  # a new layer step
-            self._pending = 0
-            if self._last is not None and at <= self._last:
-                self.sweep += 1
-                self._weight *= self._growth
-                if self._weight > 1e100:
-                    self._rescale()
-        self._last, self.current = at, at[0]
-        count, _, _, _, squares = self.uses.get(expert, _UNUSED)
-        w = self._weight
-        self.uses[expert] = (count + w, self.sweep, -expert.expert, expert, squares + w * w)
-        if expert in self.marked:  # used after all: an ordinary resident again
-            self.marked.discard(expert)
-            self._push_weakest(expert)
-        elif expert not in self._resident:  # a miss (a resident's heap entry is re-keyed when it surfaces)
-            self._pending += 1
-            self._mark_against(expert)
+        self.access_step(expert.layer, [expert.expert])
+
+    def access_step(self, layer: int, experts: list[int]) -> None:
+        # one loop over the step's experts, the lookups hoisted: the runtime's policy work per needed expert
+        ids, position = EXPERT_IDS[layer], self.position[layer]
+        uses, marked, resident = self.uses, self.marked, self._resident
+        for e in experts:
+            expert, at, last = ids[e], (position, e), self._last
+            if last is None or position != last[0] or at <= last:  # a new layer step
+                self._pending = 0
+                if last is not None and at <= last:
+                    self.sweep += 1
+                    self._weight *= self._growth
+                    if self._weight > 1e100:
+                        self._rescale()
+                        uses = self.uses
+            self._last = at
+            count, _, _, _, squares = uses.get(expert, _UNUSED)
+            w = self._weight
+            uses[expert] = (count + w, self.sweep, -e, expert, squares + w * w)
+            if expert in marked:  # used after all: an ordinary resident again
+                marked.discard(expert)
+                self._push_weakest(expert)
+            elif expert not in resident:  # a miss (a resident's heap entry is re-keyed when it surfaces)
+                self._pending += 1
+                self._mark_against(expert)
+        if experts:
+            self.current = position
 
     def _mark_against(self, miss: ExpertId) -> None:
         """Marks the least used resident expert (by prior count) if `miss` was used significantly more.
@@ -277,17 +293,19 @@ class LayerAware(EvictionPolicy):
         heapq.heapify(heap)
 
     def loaded(self, expert: ExpertId) -> None:
-        if self._pending and self.position[expert.layer] == self.current:
+        layer = expert.layer
+        if self._pending and self.position[layer] == self.current:
             self._pending -= 1
         self._resident.add(expert)
-        self._resident_in[expert.layer].add(expert)
+        members = self._resident_in[layer]
+        members.add(expert)
         record = self.uses.get(expert)
         if record is None:  # prefetched, not used yet
             record = self.uses[expert] = (0.0, -1, -expert.expert, expert, 0.0)
-        heap = self._heaps[expert.layer]
+        heap = self._heaps[layer]
         heapq.heappush(heap, record)
-        if len(heap) > 4 * len(self._resident_in[expert.layer]) + 16:
-            self._rebuild(heap, self._layer_entries(expert.layer))
+        if len(heap) > 4 * len(members) + 16:
+            self._rebuild(heap, self._layer_entries(layer))
         self._push_weakest(expert)
 
     def _push_weakest(self, expert: ExpertId) -> None:

@@ -3,8 +3,8 @@
 The interface: `copy(dst, src, after, timed)` starts a copy once the reader event `after`
 (the last kernel that read dst) has completed and returns the copy's event (a timing one only if
 `timed`: one after every copy slowed back-to-back 9.4 MB copies from 53.8 to 53.5 GB/s on the device H100,
-benchmarks/copy_events.py); `wait(events)` makes
-compute wait for copies, and `stall_seconds()` says how long it stood still for them;
+benchmarks/copy_events.py); copies complete in the order issued; `wait(events, timed)` makes
+compute wait for copies, and `stall_seconds()` says how long it stood still for the waits that were `timed`;
 `synchronize(event)` blocks the host until a copy has completed (before its source is
 overwritten); `mark_read(buffers)` returns an event recorded after the compute issued so far, which
 the caller keeps as the last reader of those buffers, and `reads_complete()` says that all of those made so
@@ -23,6 +23,7 @@ not given as `after`.
 
 import contextlib
 import ctypes
+import operator
 import queue
 import threading
 import time
@@ -48,12 +49,13 @@ class CopyEngine(Protocol):
 
     def issuing(self) -> ContextManager[None]: ...
 
-    def wait(self, events: list[Event]) -> None:
-        """Compute waits for these copies."""
+    def wait(self, events: list[Event], timed: bool = True) -> None:
+        """Compute waits for these copies (if `timed`, its standing still is measured)."""
         ...
 
     def stall_seconds(self) -> float:
-        """Seconds compute has waited for copies since the last call (waits still in flight excluded)."""
+        """Seconds compute has waited for copies in timed waits since the last call (waits still in flight
+        excluded)."""
         ...
 
     def synchronize(self, event: Event) -> None:
@@ -73,6 +75,11 @@ class CopyEngine(Protocol):
 
 
 _NOTHING_WAITED = object()  # a batch has started copying but waited for no reader yet
+# Untimed copy events are recorded again in turn (a new event cost ~2.4 us of host time against ~0.6 to record
+# one again, on the device H100: benchmarks/host_call_costs.py). One recorded again stands for a later copy
+# than its holder's: waiting on it, or asking it, waits for more than needed but never for less. With this
+# many, a copy's event is reused ~70 batch-1 layer steps of Qwen3-30B-A3B later, long after its compute waited.
+COPY_EVENTS = 512
 _NO_SETUP = contextlib.nullcontext()
 _HOST_TO_DEVICE = 1  # cudaMemcpyKind
 
@@ -120,6 +127,8 @@ class CudaCopyEngine:
         self.device_index = device.index if device.index is not None else torch.cuda.current_device()
         self.stream = torch.cuda.Stream(device)
         self.memcpy = runtime_memcpy()  # None: torch's copy_ on the copy stream made current
+        self._copy_events: list[_CopyEvent] = []  # the untimed ones, recorded again in turn (COPY_EVENTS)
+        self._copies = 0  # copies issued
         self._stalls: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
         self._spare_pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # read stall pairs, recorded again
         self._batch: contextlib.ExitStack | None = None  # while issuing through torch: holds the copy stream once current
@@ -174,23 +183,35 @@ class CudaCopyEngine:
         return self._copied(timed)
 
     def _copied(self, timed: bool) -> Event:
-        done = torch.cuda.Event(enable_timing=timed)
+        if timed:
+            done = _CopyEvent(enable_timing=True)
+        elif len(self._copy_events) < COPY_EVENTS:
+            done = _CopyEvent()
+            self._copy_events.append(done)
+        else:
+            done = self._copy_events[self._copies % COPY_EVENTS]
+        self._copies += 1
+        done.seq = self._copies
         done.record(self.stream)
         return done
 
-    def wait(self, events: list[Event]) -> None:
-        """The compute stream waits on the device; a timing event on each side of the waits measures
-        how long it stood still (it has nothing else queued between them)."""
+    def wait(self, events: list[Event], timed: bool = True) -> None:
+        """The compute stream waits on the device, for the last copy issued of `events` alone (the copy stream
+        completes the others first). If `timed`, a timing event on each side of the wait measures how long it
+        stood still (it has nothing else queued between them)."""
         if not events:
             return
         stream = current_stream(self.device_index)
+        last = max(events, key=_ISSUE_ORDER)
+        if not timed:
+            stream.wait_event(last)
+            return
         if self._spare_pairs:  # recording an event again costs a third of making one
             before, after = self._spare_pairs.pop()
         else:
             before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         before.record(stream)
-        for event in events:
-            stream.wait_event(event)
+        stream.wait_event(last)
         after.record(stream)
         self._stalls.append((before, after))
 
@@ -227,6 +248,14 @@ class CudaCopyEngine:
 class _ReadEvent(torch.cuda.Event):
     """A reader event, numbered in the order mark_read made it."""
     seq: int
+
+
+class _CopyEvent(torch.cuda.Event):
+    """A copy's event, numbered in the order the copies were issued (its latest recording's)."""
+    seq: int
+
+
+_ISSUE_ORDER = operator.attrgetter("seq")
 
 
 class CpuEvent:
@@ -274,11 +303,12 @@ class DelayedCopyEngine:
     def issuing(self) -> ContextManager[None]:
         return contextlib.nullcontext()
 
-    def wait(self, events: list[Event]) -> None:
+    def wait(self, events: list[Event], timed: bool = True) -> None:
         start = time.perf_counter()
         for event in events:
             event.wait()
-        self._stalled_s += time.perf_counter() - start
+        if timed:
+            self._stalled_s += time.perf_counter() - start
 
     def stall_seconds(self) -> float:
         seconds, self._stalled_s = self._stalled_s, 0.0

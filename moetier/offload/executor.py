@@ -40,7 +40,7 @@ from moetier.kernels.slot_lookup import lookup_slots
 from moetier.models.spec import ModelSpec
 from moetier.moe.dispatch import combine, dispatch, dispatch_round, weighted_k_sum
 from moetier.moe.executor import expert_kernels
-from moetier.moe.experts import ExpertId, ExpertLayout, ExpertWeights
+from moetier.moe.experts import EXPERT_IDS, ExpertId, ExpertLayout, ExpertWeights
 from moetier.moe.grouped import GEMV_MAX_TOKENS, gemv_experts, grouped_experts
 from moetier.moe.router import Routing
 from moetier.offload.cache import EvictionPolicy, make_policy
@@ -109,7 +109,8 @@ class OffloadedExecutor:
         self.hits: Counter[int] = Counter()
         self.misses: Counter[int] = Counter()
         self.bytes_copied = 0
-        self.copy_wait_s = 0.0
+        self.copy_wait_s = 0.0  # measured on the timed layer steps (one in window.sample_every), scaled
+        self._timed = False  # the layer step in progress is timed
         self.routing_sync_s = 0.0  # host time blocked reading the routing (includes the GPU catching up)
         self.tokens = 0  # tokens through the first MoE layer
         self.prefetch_next_layer = prefetch_next_layer
@@ -161,7 +162,8 @@ class OffloadedExecutor:
         # The first misses copy into the spare slots before the rest of the host work (planner.py).
         claimed = self.planner.claim_free(layer, needed)
         by_gpu = self._copied_by_gpu(layer, claimed)
-        first_copy = self._copy_claimed(layer, claimed[by_gpu:], timed=self.window.times_step())
+        self._timed = self.window.times_step()  # the step's first copy and its copy stalls are timed
+        first_copy = self._copy_claimed(layer, claimed[by_gpu:], timed=self._timed)
         self.window.copies_start(first_copy)
         self.window.window_ends(first_layer=layer == self.moe_layers[0])
         if layer == self.moe_layers[0]:
@@ -194,7 +196,8 @@ class OffloadedExecutor:
             done = set(ready)
             y_TD, unread = self._compute_in_rounds(layer, x_TD, routing, rounds, [e for e in needed if e not in done],
                                                    len(ready), captured)
-        for _, evicted in self.planner.end_step({ExpertId(layer, e) for e in needed}):
+        ids = EXPERT_IDS[layer]
+        for _, evicted in self.planner.end_step({ids[e] for e in needed}):
             self.pool.release(evicted)
             self.prefetched.discard(evicted)
         if guess_TK is not None and published is not None:
@@ -331,7 +334,7 @@ class OffloadedExecutor:
         if slot != commanded[1]:
             raise RuntimeError(f"layer {layer}: the first miss was booked into slot {slot}, the GPU copied it into "
                                f"{commanded[1]}")
-        expert = ExpertId(layer, e)
+        expert = EXPERT_IDS[layer][e]
         if expert not in self.store.buffers:  # on disk: the kernel copied nothing
             return 0
         self.pool.assign(slot, expert, None, None)
@@ -343,9 +346,10 @@ class OffloadedExecutor:
         one if `timed`: the layer's other copies are timed from it (PrefetchWindow.copies_start)."""
         if not claimed:
             return None
+        ids = EXPERT_IDS[layer]
         with self.copy_engine.issuing():
             for i, (e, slot) in enumerate(claimed):
-                self._copy_into(ExpertId(layer, e), slot, None, timed=timed and i == 0)
+                self._copy_into(ids[e], slot, None, timed=timed and i == 0)
         return self.pool.filled[claimed[0][1]]
 
     def _copy_into(self, expert: ExpertId, slot: int, evicted: ExpertId | None, timed: bool = False) -> None:
@@ -364,20 +368,20 @@ class OffloadedExecutor:
             hits, planned = self.planner.start_round(layer, experts, keep, evict=evict)
         else:
             hits, planned = self.planner.next_round(layer, experts, *next_round)
-        loaded = []
+        loaded, ids = [], EXPERT_IDS[layer]
         with self.copy_engine.issuing():
             for e, slot, evicted in planned:  # each copy starts before the next load is planned
                 if len(loaded) >= copied:
-                    self._copy_into(ExpertId(layer, e), slot, evicted)
+                    self._copy_into(ids[e], slot, evicted)
                     self.prefetched.discard(evicted)
                 loaded.append(e)
         self.bytes_copied += len(loaded) * self.layout.slot_bytes
         if prefetch:
-            self.prefetched.update(ExpertId(layer, e) for e in loaded)
+            self.prefetched.update(ids[e] for e in loaded)
             return hits, loaded
         # A prefetched expert counts as the miss it was when first used; its copy is not counted twice.
-        early = [e for e in hits if ExpertId(layer, e) in self.prefetched]
-        self.prefetched.difference_update(ExpertId(layer, e) for e in early)
+        early = [e for e in hits if ids[e] in self.prefetched] if self.prefetched else []
+        self.prefetched.difference_update(ids[e] for e in early)
         self.hits[layer] += len(hits) - len(early)
         self.misses[layer] += len(loaded) + len(early)
         self.prefetch_used += len(early)
@@ -399,7 +403,8 @@ class OffloadedExecutor:
             return False
         if not _spread_enough(tokens, num_experts, self.spec.top_k):
             return False
-        keep = frozenset(ExpertId(layer, e) for e in unread)
+        ids = EXPERT_IDS[layer]
+        keep = frozenset(ids[e] for e in unread)
         _, loaded = self._plan_and_copy(nxt, list(range(num_experts)), keep, prefetch=True)
         self.prefetch_loads += len(loaded)
         return True
@@ -416,7 +421,8 @@ class OffloadedExecutor:
         nxt = self.next_layer.get(layer)
         if not guessed or nxt is None:
             return
-        missing = [e for e in guessed if ExpertId(nxt, e) not in self.planner.slot_of]
+        ids, slot_of = EXPERT_IDS[nxt], self.planner.slot_of
+        missing = [e for e in guessed if ids[e] not in slot_of]
         self.guess = (nxt, guessed, missing)
         if not self.prefetch_next_layer or self.precision < PREDICTION_MIN_PRECISION:
             return
@@ -448,13 +454,13 @@ class OffloadedExecutor:
             self.precision = running_average(self.precision, share)
 
     def _wait_for_copies(self, layer: int, experts: list[int]) -> None:
-        pending = []
+        pending, ids, slot_of, filled = [], EXPERT_IDS[layer], self.planner.slot_of, self.pool.filled
         for e in experts:
-            slot = self.planner.slot_of[ExpertId(layer, e)]
-            if self.pool.filled[slot] is not None:
-                pending.append(self.pool.filled[slot])
-                self.pool.filled[slot] = None
-        self.copy_engine.wait(pending)
+            slot = slot_of[ids[e]]
+            if filled[slot] is not None:
+                pending.append(filled[slot])
+                filled[slot] = None
+        self.copy_engine.wait(pending, timed=self._timed)
 
     def _fold_in_timings(self) -> None:
         """The copy timings and compute stalls whose events have completed, folded into their figures before
@@ -462,13 +468,15 @@ class OffloadedExecutor:
         launch of the next layer's graph, where a host late for the GPU holds it back (at batch 1, the host
         time of that stretch nears a layer's copy time on a slow host)."""
         self.window.measure()
-        self.copy_wait_s += self.copy_engine.stall_seconds()
+        self.copy_wait_s += self.copy_engine.stall_seconds() * self.window.sample_every
 
     def _mark_read(self, layer: int, experts: list[int]) -> None:
-        slots = [self.planner.slot_of[ExpertId(layer, e)] for e in experts]
+        ids, slot_of = EXPERT_IDS[layer], self.planner.slot_of
+        slots = [slot_of[ids[e]] for e in experts]
         event = self.copy_engine.mark_read([self.pool.slot_bytes_S[s] for s in slots])
+        last_read = self.pool.last_read
         for slot in slots:
-            self.pool.last_read[slot] = event
+            last_read[slot] = event
 
     # --- compute: the resident kernels over the pool's bank -----------------------------------
 
@@ -564,7 +572,8 @@ class OffloadedExecutor:
             "misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
             "bytes_copied": self.bytes_copied,
-            "copy_wait_s": self.copy_wait_s,  # compute standing still for copies (device time on CUDA)
+            # compute standing still for copies (device time on CUDA), sampled as the copy timings are
+            "copy_wait_s": self.copy_wait_s,
             "disk_bytes_read": self.store.disk_bytes_read,
             "disk_read_s": self.store.disk_read_s,
             "disk_direct_io": self.store.disk.direct if self.store.disk is not None else None,

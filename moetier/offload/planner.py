@@ -27,7 +27,7 @@ import itertools
 from collections import defaultdict
 from collections.abc import Iterator
 
-from moetier.moe.experts import ExpertId
+from moetier.moe.experts import EXPERT_IDS, ExpertId
 from moetier.offload.cache import EvictionPolicy
 
 # The executor's and the simulator's spare slots: two first copies cover the host's planning of the rest.
@@ -58,11 +58,11 @@ class SlotPlanner:
         step's start_round would put them, without telling the policy: a free slot is taken before any
         is evicted, so no choice depends on it. (expert, slot) pairs; access() and start_round() for
         the same experts must follow, and start_round hands them back among its loads."""
-        claimed = []
+        claimed, ids = [], EXPERT_IDS[layer]
         for e in experts:
             if not self.free:
                 break
-            expert = ExpertId(layer, e)
+            expert = ids[e]
             if expert not in self.slot_of:
                 slot = heapq.heappop(self.free)
                 self._book(expert, slot)
@@ -71,8 +71,7 @@ class SlotPlanner:
         return claimed
 
     def access(self, layer: int, experts: list[int]) -> None:
-        for e in experts:
-            self.policy.access(ExpertId(layer, e))
+        self.policy.access_step(layer, experts)
 
     def plan_round(self, layer: int, experts: list[int], keep: frozenset[ExpertId] = frozenset()
                    ) -> tuple[list[int], list[tuple[int, int, ExpertId | None]]]:
@@ -92,7 +91,8 @@ class SlotPlanner:
         # asks for a hundred, nearly none resident)
         held = {x.expert for x in self.resident[layer] if x not in self._claimed}
         hits = [e for e in experts if e in held]
-        protected = {ExpertId(layer, e) for e in hits} | keep | self._claimed.keys()
+        ids = EXPERT_IDS[layer]
+        protected = {ids[e] for e in hits} | keep | self._claimed.keys()
         return hits, itertools.islice(self._loads(layer, experts, protected, evict), limit)
 
     def next_round(self, layer: int, experts: list[int], unread: list[int], width: int
@@ -101,7 +101,8 @@ class SlotPlanner:
         experts (of the round before) wait for their compute: those kept, at most half the width (the
         layer streams through two sets of slots). Neither hits nor loads when nothing fits beside them:
         the caller computes that round first and plans again with nothing unread."""
-        keep = frozenset(ExpertId(layer, e) for e in unread)
+        ids = EXPERT_IDS[layer]
+        keep = frozenset(ids[e] for e in unread)
         hits, loads = self.start_round(layer, experts, keep, limit=max(1, (width + 1) // 2))
         loads = _peeked(loads)
         return hits, iter(()) if loads is None else loads
@@ -147,8 +148,9 @@ class SlotPlanner:
 
     def _loads(self, layer: int, experts: list[int], protected: set[ExpertId], evict: bool = True
                ) -> Iterator[tuple[int, int, ExpertId | None]]:
+        ids = EXPERT_IDS[layer]
         for e in experts:
-            expert = ExpertId(layer, e)
+            expert = ids[e]
             claimed = self._claimed.pop(expert, None)
             if claimed is not None:  # the first misses, in free slots: the policy hears of them now
                 self.policy.loaded(expert)

@@ -12,13 +12,15 @@ prefetching is on: the window ends at the compute stream's clock when the next l
 copies, which prefetched copies do not move. One layer step in SAMPLE_EVERY is timed, with the window
 after it: timing every layer step cost ~20 us of host work between a batch-1 step's routing read and the
 next layer's launch (window_ends 10.7, copies_issued 7.9: benchmarks/host_time_offload.py, results README
-session 12).
+session 12). The executor times its copy stalls on the same layer steps.
 """
 
 from moetier.offload.copy_engine import CopyEngine, Event
 
 MEMORY = 0.9  # the running averages' weight on their past
-SAMPLE_EVERY = 4  # a decode step of a 48-layer model still times 12
+# A decode step of a 48-layer model still times ~10; no supported model's MoE layer count is a multiple of
+# it, so the timed layer steps go round every layer.
+SAMPLE_EVERY = 5
 
 
 class PrefetchWindow:

@@ -127,7 +127,7 @@ class CudaCopyEngine:
         self.device_index = device.index if device.index is not None else torch.cuda.current_device()
         self.stream = torch.cuda.Stream(device)
         self.memcpy = runtime_memcpy()  # None: torch's copy_ on the copy stream made current
-        self._copy_events: list[_CopyEvent] = []  # the untimed ones, recorded again in turn (COPY_EVENTS)
+        self._copy_events: list[_NumberedEvent] = []  # the untimed ones, recorded again in turn (COPY_EVENTS)
         self._copies = 0  # copies issued
         self._stalls: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
         self._spare_pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # read stall pairs, recorded again
@@ -184,9 +184,9 @@ class CudaCopyEngine:
 
     def _copied(self, timed: bool) -> Event:
         if timed:
-            done = _CopyEvent(enable_timing=True)
+            done = _NumberedEvent(enable_timing=True)
         elif len(self._copy_events) < COPY_EVENTS:
-            done = _CopyEvent()
+            done = _NumberedEvent()
             self._copy_events.append(done)
         else:
             done = self._copy_events[self._copies % COPY_EVENTS]
@@ -227,7 +227,7 @@ class CudaCopyEngine:
         event.synchronize()  # torch.cuda.Event.wait() would be a stream wait, not a host wait
 
     def mark_read(self, buffers: list[torch.Tensor]) -> Event:
-        event = _ReadEvent()
+        event = _NumberedEvent()
         event.record(current_stream(self.device_index))
         self._reads_marked += 1
         event.seq = self._reads_marked
@@ -245,13 +245,9 @@ class CudaCopyEngine:
         return start.elapsed_time(end) / 1e3
 
 
-class _ReadEvent(torch.cuda.Event):
-    """A reader event, numbered in the order mark_read made it."""
-    seq: int
-
-
-class _CopyEvent(torch.cuda.Event):
-    """A copy's event, numbered in the order the copies were issued (its latest recording's)."""
+class _NumberedEvent(torch.cuda.Event):
+    """An event numbered at its latest recording: reader events in the order mark_read made them, copy events
+    in the order the copies were issued."""
     seq: int
 
 

@@ -454,9 +454,8 @@ class OffloadedExecutor:
             self.precision = running_average(self.precision, share)
 
     def _wait_for_copies(self, layer: int, experts: list[int]) -> None:
-        pending, ids, slot_of, filled = [], EXPERT_IDS[layer], self.planner.slot_of, self.pool.filled
-        for e in experts:
-            slot = slot_of[ids[e]]
+        pending, filled = [], self.pool.filled
+        for slot in self.planner.slots_of(layer, experts):
             if filled[slot] is not None:
                 pending.append(filled[slot])
                 filled[slot] = None
@@ -471,8 +470,7 @@ class OffloadedExecutor:
         self.copy_wait_s += self.copy_engine.stall_seconds() * self.window.sample_every
 
     def _mark_read(self, layer: int, experts: list[int]) -> None:
-        ids, slot_of = EXPERT_IDS[layer], self.planner.slot_of
-        slots = [slot_of[ids[e]] for e in experts]
+        slots = self.planner.slots_of(layer, experts)
         event = self.copy_engine.mark_read([self.pool.slot_bytes_S[s] for s in slots])
         last_read = self.pool.last_read
         for slot in slots:

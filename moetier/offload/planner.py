@@ -70,6 +70,11 @@ class SlotPlanner:
                 claimed.append((e, slot))
         return claimed
 
+    def slots_of(self, layer: int, experts: list[int]) -> list[int]:
+        """The slots of `experts` (each booked)."""
+        ids, slot_of = EXPERT_IDS[layer], self.slot_of
+        return [slot_of[ids[e]] for e in experts]
+
     def access(self, layer: int, experts: list[int]) -> None:
         self.policy.access_step(layer, experts)
 
